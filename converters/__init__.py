@@ -1,0 +1,1 @@
+"""Framework bridges, imported as ``nnbridge.converters.torch`` / ``nnbridge.converters.mlx``."""

@@ -1,0 +1,52 @@
+"""nnbridge: move trained PyTorch/MLX networks to NMW weights, Metal kernels and Nim code — verified.
+
+The canonical model is a :class:`NetworkSpec` (layers) plus :class:`Weights` (float32
+tensors in NMW layout); every format and framework is an adapter at the edge.
+"""
+
+from nnbridge._version import __version__
+from nnbridge.errors import (
+    BuildError,
+    CodegenError,
+    ConversionError,
+    NMWError,
+    NNBridgeError,
+    OutputError,
+    SpecError,
+    VerificationError,
+    WeightsError,
+)
+from nnbridge.nmw import NMWPortabilityWarning, load_nmw, read_nmw, save_nmw
+from nnbridge.presets import binary_classifier, deep_mlp, koan_classifier, simple_mlp
+from nnbridge.spec import Activation, LayerKind, LayerSpec, NetworkSpec, from_json, load_spec, new_network, save_spec
+from nnbridge.weights import Weights
+
+__all__ = [
+    "__version__",
+    "Activation",
+    "BuildError",
+    "CodegenError",
+    "ConversionError",
+    "LayerKind",
+    "LayerSpec",
+    "NMWError",
+    "NMWPortabilityWarning",
+    "NNBridgeError",
+    "NetworkSpec",
+    "OutputError",
+    "SpecError",
+    "VerificationError",
+    "Weights",
+    "WeightsError",
+    "binary_classifier",
+    "deep_mlp",
+    "from_json",
+    "koan_classifier",
+    "load_nmw",
+    "load_spec",
+    "new_network",
+    "read_nmw",
+    "save_nmw",
+    "save_spec",
+    "simple_mlp",
+]
