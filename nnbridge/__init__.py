@@ -5,6 +5,7 @@ tensors in NMW layout); every format and framework is an adapter at the edge.
 """
 
 from nnbridge._version import __version__
+from nnbridge.converters.sources import from_mlx, from_torch, load_source
 from nnbridge.errors import (
     BuildError,
     CodegenError,
@@ -16,6 +17,7 @@ from nnbridge.errors import (
     VerificationError,
     WeightsError,
 )
+from nnbridge.net import NeuralNet
 from nnbridge.nmw import NMWPortabilityWarning, load_nmw, read_nmw, save_nmw
 from nnbridge.presets import binary_classifier, deep_mlp, koan_classifier, simple_mlp
 from nnbridge.spec import Activation, LayerKind, LayerSpec, NetworkSpec, from_json, load_spec, new_network, save_spec
@@ -33,6 +35,7 @@ __all__ = [
     "NMWPortabilityWarning",
     "NNBridgeError",
     "NetworkSpec",
+    "NeuralNet",
     "OutputError",
     "SpecError",
     "VerificationError",
@@ -41,8 +44,11 @@ __all__ = [
     "binary_classifier",
     "deep_mlp",
     "from_json",
+    "from_mlx",
+    "from_torch",
     "koan_classifier",
     "load_nmw",
+    "load_source",
     "load_spec",
     "new_network",
     "read_nmw",

@@ -24,6 +24,10 @@ class WeightsError(NNBridgeError, ValueError):
     """Tensors do not fit the spec they are bound to (missing, extra, wrong shape or dtype)."""
 
 
+class InputError(NNBridgeError, ValueError):
+    """Inference inputs have the wrong shape, dtype or width for the network."""
+
+
 class ConversionError(NNBridgeError, ValueError):
     """A model, checkpoint or weights file cannot be converted to a NeuralNet."""
 

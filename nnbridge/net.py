@@ -7,17 +7,54 @@ transform (:meth:`NeuralNet.for_inference`) that every code generator uses.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from nnbridge.errors import SpecError
+from nnbridge.errors import InputError, SpecError
 from nnbridge.spec import Activation, LayerKind, LayerSpec, NetworkSpec
 from nnbridge.weights import Weights
 
 BACKENDS = ("torch", "mlx")
+INIT_METHODS = ("kaiming", "xavier")
+INIT_DISTRIBUTIONS = ("uniform", "normal")
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """What :meth:`NeuralNet.infer_batch` returns (the Nim library's unified API).
+
+    ``categories`` int64 ``[n]``, ``confidences`` float32 ``[n]`` (the probability of the
+    chosen category), ``probabilities`` float32 ``[n, classes]`` (classes = outputs, or 2
+    for a one-output binary classifier; see :func:`probabilities_of`), ``elapsed`` seconds.
+    """
+
+    categories: np.ndarray
+    confidences: np.ndarray
+    probabilities: np.ndarray
+    elapsed: float
+    outputs: np.ndarray | None = None  # raw network outputs [n, out], when the caller kept them
+
+    def __len__(self) -> int:
+        return int(self.categories.shape[0])
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second over ``elapsed`` (0 for an empty batch)."""
+        return len(self) / self.elapsed if self.elapsed > 0 else 0.0
+
+    @classmethod
+    def from_outputs(cls, outputs: np.ndarray, last_activation: Activation, elapsed: float,
+                     keep_outputs: bool = False) -> InferenceResult:
+        """Probabilities (:func:`probabilities_of`), argmax categories and their confidences."""
+        probs = probabilities_of(outputs, last_activation)
+        cats = probs.argmax(axis=1).astype(np.int64) if len(probs) else np.zeros(0, np.int64)
+        conf = probs[np.arange(cats.shape[0]), cats]
+        return cls(cats, conf, probs, elapsed, outputs if keep_outputs else None)
 
 
 class NeuralNet:
@@ -71,6 +108,75 @@ class NeuralNet:
         """Write the weights as NMW (see :func:`nnbridge.nmw.save_nmw`)."""
         return self._weights.save_nmw(path, **kw)
 
+    def save_safetensors(self, path: str | PathLike[str]) -> Path:
+        """Write torch-layout tensors (``to_torch().load_state_dict`` accepts them) with the spec in the metadata."""
+        from nnbridge.converters.safetensors import save_safetensors
+
+        return save_safetensors(self, path)
+
+    # ---------------------------------------------------------- initialisation
+    def init_weights(self, method: str = "kaiming", seed: int = 0, distribution: str = "uniform",
+                     backend: str = "torch") -> NeuralNet:
+        """Initialise every weight with the framework's own initialiser; returns ``self``.
+
+        Dense weights ``W`` (framework layout ``[out, in]``, stored transposed), with
+        ``gain`` = ``torch.nn.init.calculate_gain`` of the layer's activation (that of a
+        batch norm right after it when the layer has none): relu √2, leaky_relu
+        √(2/(1+slope²)), tanh 5/3, sigmoid/softmax/none 1; gelu and silu use relu's √2.
+
+        - ``kaiming``: std = gain/√fan_in; uniform on ±gain·√(3/fan_in) or normal(0, std).
+          torch: ``kaiming_uniform_``/``kaiming_normal_`` (mode fan_in); MLX:
+          ``he_uniform``/``he_normal`` (fan_in).
+        - ``xavier``: std = gain·√(2/(fan_in+fan_out)); uniform on ±gain·√(6/(fan_in+fan_out))
+          or normal(0, std). torch: ``xavier_uniform_``/``xavier_normal_``; MLX:
+          ``glorot_uniform``/``glorot_normal``.
+
+        Biases are zero; batch norm gamma 1, beta 0, running mean 0, running variance 1.
+        The torch backend draws from a ``torch.Generator`` seeded with ``seed``; the MLX
+        backend seeds MLX's generator (``mx.random.seed(seed)``, i.e. ``mx.random.key(seed)``)
+        and restores its previous state afterwards. Same arguments → same weights, in any
+        process; the two backends give different (equally distributed) values.
+        """
+        if method not in INIT_METHODS:
+            raise SpecError(f"unknown init method {method!r}; choose one of {', '.join(INIT_METHODS)}")
+        if distribution not in INIT_DISTRIBUTIONS:
+            raise SpecError(f"unknown distribution {distribution!r}; choose one of {', '.join(INIT_DISTRIBUTIONS)}")
+        if backend not in BACKENDS:
+            raise SpecError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+            raise SpecError(f"seed must be an integer in [0, 2**63), found {seed!r}")
+        from nnbridge.converters._table import NONLINEARITY, init_gain
+
+        gains: dict[str, tuple[str, float, float]] = {}  # layer -> (torch nonlinearity, slope, gain)
+        layers = self._spec.layers
+        for i, layer in enumerate(layers):
+            if layer.kind is LayerKind.DENSE:
+                act, slope = layer.activation, layer.negative_slope
+                nxt = layers[i + 1] if i + 1 < len(layers) else None
+                if act is Activation.NONE and nxt is not None and nxt.kind is LayerKind.BATCH_NORM:
+                    act, slope = nxt.activation, nxt.negative_slope
+                gains[layer.name] = (NONLINEARITY[act], slope, init_gain(act, slope))
+        if backend == "torch":
+            from nnbridge.converters.torch import init_dense_weights
+        else:
+            from nnbridge.converters.mlx import init_dense_weights
+        dense = init_dense_weights(self._spec, gains, method, distribution, int(seed))
+        tensors: dict[str, np.ndarray] = {}
+        for layer in layers:
+            n = layer.output_size
+            if layer.kind is LayerKind.DENSE:
+                tensors[f"{layer.name}.weight"] = np.ascontiguousarray(dense[layer.name].T)
+                if layer.use_bias:
+                    tensors[f"{layer.name}.bias"] = np.zeros(n, np.float32)
+            elif layer.kind is LayerKind.BATCH_NORM:
+                tensors.update({f"{layer.name}.gamma": np.ones(n, np.float32),
+                                f"{layer.name}.beta": np.zeros(n, np.float32),
+                                f"{layer.name}.running_mean": np.zeros(n, np.float32),
+                                f"{layer.name}.running_var": np.ones(n, np.float32)})
+        meta = {"init": {"method": method, "seed": int(seed), "distribution": distribution, "backend": backend}}
+        self.weights = Weights(self._spec, tensors, metadata=meta)
+        return self
+
     # ------------------------------------------------------------- transforms
     def for_inference(self) -> NeuralNet:
         """An equivalent network for inference: dropout removed, batch norm folded.
@@ -116,7 +222,7 @@ class NeuralNet:
 
     def _module(self, backend: str) -> Any:
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if backend not in self._modules:
             self._modules[backend] = self.to_torch() if backend == "torch" else self.to_mlx()
         return self._modules[backend]
@@ -124,13 +230,13 @@ class NeuralNet:
     def _check_input(self, x: Any) -> tuple[np.ndarray, bool]:
         arr = np.asarray(x)
         if arr.dtype.kind not in "fiu":
-            raise ValueError(f"inputs must be numbers, found dtype {arr.dtype}")
+            raise InputError(f"inputs must be numbers, found dtype {arr.dtype}")
         single = arr.ndim == 1
         if single:
             arr = arr[None, :]
         n_in = self._spec.in_size
         if arr.ndim != 2 or arr.shape[1] != n_in:
-            raise ValueError(
+            raise InputError(
                 f"network {self._spec.name!r} takes {n_in} features per sample: expected shape [{n_in}] or "
                 f"[batch, {n_in}], found {list(np.shape(x))}"
             )
@@ -150,6 +256,33 @@ class NeuralNet:
             y = run_mlx(module, arr)
         return y[0] if single else y
 
+    def infer(self, x: Any, backend: str = "torch") -> tuple[int, float]:
+        """``(category, confidence)`` for one sample ``[in]`` (see :meth:`infer_batch`)."""
+        arr = np.asarray(x)
+        if arr.ndim != 1:
+            raise InputError(f"infer takes one sample of shape [{self._spec.in_size}], found {list(arr.shape)}; "
+                             f"use infer_batch for batches")
+        r = self.infer_batch(arr[None, :], backend=backend)
+        return int(r.categories[0]), float(r.confidences[0])
+
+    def infer_batch(self, x: Any, backend: str = "torch") -> InferenceResult:
+        """Categories, confidences and probabilities for a batch ``[n, in]``; an empty batch gives empty results.
+
+        Probabilities follow :func:`probabilities_of`; category = argmax of the
+        probabilities, confidence = that probability. ``elapsed`` is the inference time.
+        """
+        arr = np.asarray(x)
+        if arr.ndim != 2:
+            raise InputError(f"infer_batch takes a batch of shape [n, {self._spec.in_size}], found "
+                             f"{list(arr.shape)}; use infer for one sample")
+        last = self._spec.layers[-1].activation
+        if arr.shape[0] == 0:
+            self._check_input(np.zeros((1, arr.shape[1]), np.float32))  # still a clear error for bad widths
+            return InferenceResult.from_outputs(np.zeros((0, self._spec.output_size), np.float32), last, 0.0)
+        start = time.perf_counter()
+        y = self.predict(arr, backend=backend)
+        return InferenceResult.from_outputs(y, last, time.perf_counter() - start)
+
     def layer_outputs(self, x: Any, backend: str = "mlx") -> list[np.ndarray]:
         """Every layer's output (after its activation) for ``x`` — the reference for per-layer traces."""
         arr, _ = self._check_input(x)
@@ -167,6 +300,30 @@ class NeuralNet:
         from nnbridge.codegen import generate
 
         return generate(self, opts)
+
+
+def probabilities_of(outputs: np.ndarray, last_activation: Activation) -> np.ndarray:
+    """Class probabilities (float32) from network outputs ``[n, out]`` — the one rule every ``infer_batch`` uses.
+
+    - more than one output: the outputs themselves when the last activation is softmax
+      (or sigmoid: independent per-output probabilities), else the softmax of the outputs
+      (they are logits);
+    - one output: a binary classifier with p = the output after a sigmoid (or softmax),
+      else sigmoid of the logit; probabilities are ``[1 − p, p]`` (shape ``[n, 2]``), so
+      category 1 means p > 0.5.
+    """
+    y = np.asarray(outputs, dtype=np.float64)
+    if y.ndim != 2:
+        raise ValueError(f"outputs must be [n, outputs], found shape {list(y.shape)}")
+    if y.shape[1] == 1:
+        p = y[:, 0] if last_activation in (Activation.SIGMOID, Activation.SOFTMAX) else 1.0 / (1.0 + np.exp(-y[:, 0]))
+        return np.stack([1.0 - p, p], axis=1).astype(np.float32)
+    if last_activation in (Activation.SOFTMAX, Activation.SIGMOID):
+        return y.astype(np.float32)
+    if y.shape[0] == 0:
+        return y.astype(np.float32)
+    e = np.exp(y - y.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _identity_zeros(spec: NetworkSpec) -> Weights:
