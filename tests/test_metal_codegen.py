@@ -1,0 +1,256 @@
+"""Metal target, without a compiler: files, manifest, weight offsets, body form, MLX's source.
+
+The networks defined here are shared with test_metal_emu.py and test_metal_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nnbridge as nb
+from nnbridge.codegen import GenerateOptions, generate, render_files, renderers
+from nnbridge.codegen.common import inference_weights
+from nnbridge.codegen.metal import FUSED_MAX_WIDTH, TILE, metal_plan, render, thread_attributes
+from nnbridge.net import NeuralNet
+from nnbridge.verify import metal_emu, mlx_metal
+from tests.conftest import random_weights
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+# ---------------------------------------------------------------------- shared networks
+def coverage_spec() -> nb.NetworkSpec:
+    """Every activation on a dense and on a batch-norm layer, folded and unfoldable batch norms,
+    softmax inside a dense tile (<= 16 outputs) and as a row kernel of 1 and 3 SIMD groups,
+    a dense layer without bias, dropout, a custom leaky slope and eps."""
+    s = nb.new_network("Coverage Net", input_size=24)
+    s.add_batch_norm("bn_in", 24)  # first layer: stays
+    for act in ("relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh", "silu", "softmax"):
+        s.add_batch_norm(f"bn_{act}", 24, activation=act, negative_slope=0.3)  # after a batch norm: stays
+    (s.add_dense("d_relu", 24, 40, "relu")
+     .add_dense("d_leaky", 40, 33, "leaky_relu", negative_slope=0.2)
+     .add_batch_norm("bn_after_act", 33, activation="sigmoid", eps=1e-3)  # after an activation: stays
+     .add_dropout("drop", 33, 0.5)
+     .add_dense("d_tanh", 33, 17, "tanh")
+     .add_dense("d_gelu", 17, 20, "gelu")
+     .add_dense("d_gelu_tanh", 20, 36, "gelu_tanh")
+     .add_dense("d_silu", 36, 19, "silu")
+     .add_dense("d_softmax_row", 19, 70, "softmax")  # 70 > 16: row kernel, 3 SIMD groups
+     .add_dense("d_sigmoid", 70, 40, "sigmoid")
+     .add_dense("d_nobias", 40, 12, "none", use_bias=False)
+     .add_batch_norm("bn_folded", 12, activation="softmax")  # folded: dense 40 -> 12 softmax in one tile
+     .add_dense("d_none", 12, 9, "none")
+     .add_dense("d_out", 9, 23, "softmax"))  # 23: row kernel, 1 SIMD group
+    return s
+
+
+def coverage_net(seed: int = 3) -> NeuralNet:
+    """The coverage network with seeded random weights."""
+    spec = coverage_spec()
+    return NeuralNet(spec, random_weights(spec, seed))
+
+
+def digits_net() -> NeuralNet:
+    """The demo's trained digits classifier (examples/digits.safetensors, torch layout)."""
+    from safetensors.numpy import load_file
+
+    t = load_file(str(EXAMPLES / "digits.safetensors"))
+    spec = (nb.new_network("digits", input_size=64)
+            .add_dense("fc1", 64, 64)
+            .add_batch_norm("bn1", 64, activation="relu")
+            .add_dropout("drop", 64, 0.1)
+            .add_dense("fc2", 64, 32, "relu")
+            .add_dense("fc3", 32, 10, "softmax"))
+    tensors = {
+        "fc1.weight": t["fc1.weight"].T, "fc1.bias": t["fc1.bias"],
+        "bn1.gamma": t["bn1.weight"], "bn1.beta": t["bn1.bias"],
+        "bn1.running_mean": t["bn1.running_mean"], "bn1.running_var": t["bn1.running_var"],
+        "fc2.weight": t["fc2.weight"].T, "fc2.bias": t["fc2.bias"],
+        "fc3.weight": t["fc3.weight"].T, "fc3.bias": t["fc3.bias"],
+    }
+    return NeuralNet(spec, nb.Weights(spec, tensors))
+
+
+def _files(source, half: bool = False) -> dict[str, str]:
+    return render(source, GenerateOptions(generate_metal=True, generate_nim_cpu=False, metal_half=half))
+
+
+def _by_kind(files: dict[str, str]) -> tuple[str, dict, str]:
+    metal = next(t for f, t in files.items() if f.endswith(".metal"))
+    man = json.loads(next(t for f, t in files.items() if f.endswith(".manifest.json")))
+    mlx = next(t for f, t in files.items() if f.endswith("_mlx.py"))
+    return metal, man, mlx
+
+
+# ---------------------------------------------------------------------- files
+def test_renderer_is_registered() -> None:
+    assert "metal" in renderers()
+
+
+def test_generate_writes_metal_manifest_and_mlx_form(tmp_path: Path) -> None:
+    opts = GenerateOptions(output_dir=tmp_path, generate_metal=True, generate_nim_cpu=False)
+    paths = generate(nb.koan_classifier(), opts)
+    assert sorted(p.name for p in paths) == ["KoanClassifier.manifest.json", "KoanClassifier.metal",
+                                             "KoanClassifier_mlx.py"]
+    man = json.loads((tmp_path / "KoanClassifier.manifest.json").read_text())
+    assert man["format"] == "nnbridge.metal-manifest/1"
+    assert man["files"]["metal"] == "KoanClassifier.metal"
+    assert render_files(nb.koan_classifier(), opts) == {p.name: p.read_text() for p in paths}
+
+
+def test_generated_files_start_with_the_common_banner() -> None:
+    metal, _, mlx = _by_kind(_files(nb.simple_mlp()))
+    assert metal.startswith("// Metal compute kernels for network SimpleMLP\n// Generated by nnbridge")
+    assert mlx.startswith("# MLX body-form Metal kernels for network SimpleMLP\n# Generated by nnbridge")
+
+
+def test_hostile_network_name_reaches_code_only_sanitised() -> None:
+    spec = (nb.new_network('evil */ #include "x" \n kernel void', input_size=4)
+            .add_dense("h", 4, 3, "relu"))
+    files = _files(spec)
+    ident = nb.names.identifier(spec.name)
+    assert sorted(files) == sorted([f"{ident}.metal", f"{ident}.manifest.json", f"{ident}_mlx.py"])
+    metal, man, mlx = _by_kind(files)
+    for text in (metal, mlx):
+        assert "*/" not in text and '#include "x"' not in text and "\n kernel void" not in text
+    assert re.findall(r"^kernel void (\w+)\(", metal, re.M) == [f"{ident}_fused", f"{ident}_layer0"]
+    compile(mlx, "generated", "exec")  # the MLX form is valid Python
+
+
+def test_user_names_stay_out_of_kernel_bodies() -> None:
+    """MLX declares parameters for names it finds in a body (x_shape, threads_per_grid, …)."""
+    spec = (nb.new_network("Names", input_size=4)
+            .add_dense("x_shape", 4, 5, "relu")
+            .add_dense("thread_index_in_simdgroup", 5, 3, "softmax"))
+    mp = metal_plan(spec)
+    for k in mp.kernels:
+        assert "x_shape" not in k.body and "thread_index_in_simdgroup" not in k.body
+    assert "x_shape" in mp.header  # names do appear in comments outside the bodies
+
+
+# ---------------------------------------------------------------------- weights layout
+def test_weights_buffer_is_the_nmw_tensor_data_without_batch_norm() -> None:
+    net = NeuralNet(nb.koan_classifier(), random_weights(nb.koan_classifier(), 1))
+    _, man, _ = _by_kind(_files(net.spec))
+    flat = inference_weights(net)
+    assert man["weights_layout"]["identical_to_nmw_tensor_data"] is True
+    assert np.array_equal(flat, net.weights.to_flat())  # the NMW payload's data blocks, in file order
+    assert man["weights_layout"]["count"] == flat.size == man["buffers"]["weights"]["count"]
+    assert man["weights_layout"]["bytes"] == 4 * flat.size
+
+
+def test_manifest_offsets_index_the_inference_weights() -> None:
+    net = coverage_net()
+    _, man, _ = _by_kind(_files(net.spec))
+    inf = net.for_inference()
+    flat = inference_weights(net)
+    assert man["weights_layout"]["identical_to_nmw_tensor_data"] is False  # a batch norm was folded
+    names = [n for n, _ in inf.spec.tensor_shapes()]
+    assert [t["name"] for t in man["weights_layout"]["tensors"]] == names
+    for t in man["weights_layout"]["tensors"]:
+        got = flat[t["offset"]:t["offset"] + t["count"]].reshape(t["shape"])
+        assert np.array_equal(got, inf.weights[t["name"]]), t["name"]
+
+
+def test_offsets_in_the_source_equal_the_manifest() -> None:
+    metal, man, _ = _by_kind(_files(coverage_spec()))
+    consts = dict(re.findall(r"static constant constexpr const uint (\w+) = (\d+);", metal))
+    suffix = {"weight": "W", "bias": "B", "gamma": "GAMMA", "beta": "BETA", "running_mean": "MEAN",
+              "running_var": "VAR"}
+    for t in man["weights_layout"]["tensors"]:
+        assert int(consts[f"L{t['layer']}_{suffix[t['name'].split('.', 1)[1]]}"]) == t["offset"]
+
+
+# ---------------------------------------------------------------------- kernels and dispatch
+def test_plan_covers_every_layer_kind_and_softmax_form() -> None:
+    mp = metal_plan(coverage_spec())
+    roles = [(k.role, k.layer.softmax if k.layer else "") for k in mp.kernels]
+    assert ("fused", "") in roles
+    assert ("dense", "tile") in roles and ("dense", "row") in roles and ("softmax", "row") in roles
+    assert ("batch_norm", "") in roles and ("batch_norm", "row") in roles
+    row = [k for k in mp.kernels if k.role == "softmax"]
+    assert sorted(k.threadgroup[0] for k in row) == [32, 32, 96]  # 24, 23 and 70 values per row
+    for k in mp.kernels:
+        if k.role == "dense":
+            assert k.grid == [k.layer.out_size, "batch", 1] and k.threadgroup == [TILE, TILE, 1]
+            assert k.layer.softmax != "tile" or k.layer.out_size <= TILE
+    assert len(mp.layer_buffers) == len(mp.net.layers) and mp.layer_buffers[-1] == "output"
+
+
+def test_signature_declares_what_mlx_declares() -> None:
+    metal, man, _ = _by_kind(_files(coverage_spec()))
+    mp = metal_plan(coverage_spec())
+    for k in mp.kernels:
+        assert man["kernels"][k.name]["thread_attributes"] == [a for a, _ in thread_attributes(k.body)]
+        sig = next(s for s in metal_emu.parse_kernels(metal) if s.name == k.name)
+        assert [p.attribute for p in sig.params if p.attribute != "buffer"] == [a for a, _ in k.attributes]
+        assert {p.name: p.index for p in sig.params if p.attribute == "buffer"} == \
+            {b["name"]: b["index"] for b in man["kernels"][k.name]["buffers"]}
+
+
+def test_kernel_bodies_are_the_same_text_in_both_forms() -> None:
+    metal, _, mlx = _by_kind(_files(coverage_spec()))
+    module = mlx_metal.load_module(mlx)
+    assert module.HEADER in metal
+    for name, spec in module.KERNELS.items():
+        assert spec["source"] in metal, name
+    assert set(module.PIPELINES) == {"fused", "per_layer"}
+
+
+def test_float_literals_are_float32() -> None:
+    metal, _, _ = _by_kind(_files(coverage_spec()))
+    code = metal_emu.strip_comments(metal)
+    bare = re.findall(r"(?<![\w.])(?:\d+\.\d*|\.\d+|\d+[eE][-+]?\d+)(?:[eE][-+]?\d+)?(?![\w.])", code)
+    assert bare == []  # every floating literal carries the f suffix (MSL has no double)
+
+
+def test_half_storage() -> None:
+    metal, man, mlx = _by_kind(_files(nb.koan_classifier(), half=True))
+    assert man["storage"] == "half" and man["accumulate"] == "float"
+    assert man["weights_layout"]["bytes"] == 2 * man["weights_layout"]["count"]
+    assert "const device half* x [[buffer(0)]]" in metal and "device half* y [[buffer(2)]]" in metal
+    assert "device float*" not in metal
+    assert "STORAGE = mx.float16" in mlx
+
+
+def test_wide_network_has_only_per_layer_kernels() -> None:
+    spec = nb.new_network("Wide", input_size=8).add_dense("h", 8, FUSED_MAX_WIDTH + 1, "relu")
+    _, man, _ = _by_kind(_files(spec))
+    assert list(man["pipelines"]) == ["per_layer"] and man["recommended"] == "per_layer"
+    _, small, _ = _by_kind(_files(nb.koan_classifier()))
+    assert small["recommended"] == "fused"
+
+
+def test_mlx_module_checks_its_inputs() -> None:
+    module = mlx_metal.module_for(nb.koan_classifier())
+    with pytest.raises(ValueError, match=r"x must be \[batch, 64\]"):
+        module.run_pipeline(np.zeros((2, 3), np.float32), np.zeros(module.WEIGHTS_COUNT, np.float32))
+    with pytest.raises(ValueError, match="weights must hold 5655"):
+        module.run_pipeline(np.zeros((2, 64), np.float32), np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="unknown pipeline"):
+        module.run_pipeline(np.zeros((2, 64), np.float32), np.zeros(5655, np.float32), "nope")
+
+
+# ---------------------------------------------------------------------- MLX's own source (export oracle)
+@pytest.mark.parametrize("batch", [1, 33])
+def test_predicted_mlx_source_equals_what_mlx_prints(batch: int) -> None:
+    """Golden: the signature we write around each body is exactly MLX's (captured via export_function)."""
+    module = mlx_metal.module_for(coverage_spec())
+    for pipeline in module.PIPELINES:
+        captured = mlx_metal.capture_pipeline_sources(module, batch, pipeline)
+        predicted = mlx_metal.predicted_pipeline_sources(module, batch, pipeline)
+        assert captured == predicted
+
+
+def test_captured_source_of_a_tiny_network_uses_constant_buffers() -> None:
+    spec = nb.new_network("Tiny", input_size=2).add_dense("h", 2, 1, "sigmoid")  # 3 weights: constant space
+    module = mlx_metal.module_for(spec)
+    src = mlx_metal.capture_pipeline_sources(module, 1, "fused")["Tiny_fused"]
+    assert "const constant float* x [[buffer(0)]]" in src and "const constant float* weights" in src
+    assert "[[kernel]] void custom_kernel_Tiny_fused_floatc_floatc_float(" in src
+    assert src == mlx_metal.predicted_pipeline_sources(module, 1, "fused")["Tiny_fused"]
