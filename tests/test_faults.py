@@ -52,3 +52,32 @@ def test_write_failures_are_explained(tmp_path, koan_weights, monkeypatch, errno
     with pytest.raises(nb.OutputError, match=text):
         koan_weights.save_nmw(tmp_path / "w.nmw")
     assert not (tmp_path / "w.nmw").exists()
+
+
+CONVERTER = r"""
+import sys
+from nnbridge.pipeline import convert
+src, out = sys.argv[1], sys.argv[2]
+convert(src, out, verify=False, force=True)  # warm: imports done, a complete folder exists
+print("ready", flush=True)
+while True:
+    convert(src, out, verify=False, force=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.03, 0.07, 0.11, 0.19])  # one conversion takes ~0.2 s once warm
+def test_killed_convert_leaves_complete_folder_or_none(tmp_path, delay):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", CONVERTER, str(ROOT / "examples" / "digits.pt2"), str(out)],
+                            stdout=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout.readline().strip() == b"ready"
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if out.exists():  # absent only between the two renames of a --force replacement
+        names = sorted(p.name for p in out.iterdir())
+        assert names == sorted(["digits.json", "digits.nmw", "digits.safetensors", "digits.metal",
+                                "digits.manifest.json", "digits_mlx.py", "digits_cpu.nim"]), names
+        nb.load_nmw(out / "digits.nmw")
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "out"]
+    assert all(p.endswith((".partial", ".old")) for p in leftovers), leftovers
