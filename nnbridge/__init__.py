@@ -5,11 +5,14 @@ tensors in NMW layout); every format and framework is an adapter at the edge.
 """
 
 from nnbridge._version import __version__
+from nnbridge.codegen import GenerateOptions, default_options
 from nnbridge.converters.sources import from_mlx, from_torch, load_source
+from nnbridge.engine import ParallelInferenceEngine
 from nnbridge.errors import (
     BuildError,
     CodegenError,
     ConversionError,
+    InputError,
     NMWError,
     NNBridgeError,
     OutputError,
@@ -17,13 +20,21 @@ from nnbridge.errors import (
     VerificationError,
     WeightsError,
 )
-from nnbridge.net import NeuralNet
+from nnbridge.net import InferenceResult, NeuralNet
 from nnbridge.nmw import NMWPortabilityWarning, load_nmw, read_nmw, save_nmw
 from nnbridge.presets import binary_classifier, deep_mlp, koan_classifier, simple_mlp
 from nnbridge.spec import Activation, LayerKind, LayerSpec, NetworkSpec, from_json, load_spec, new_network, save_spec
+from nnbridge.verify import VerifyReport, verify
 from nnbridge.weights import Weights
 
 __all__ = [
+    "GenerateOptions",
+    "InferenceResult",
+    "InputError",
+    "ParallelInferenceEngine",
+    "VerifyReport",
+    "default_options",
+    "verify",
     "__version__",
     "Activation",
     "BuildError",

@@ -457,11 +457,12 @@ def test_dispatch_tables_follow_the_one_table() -> None:
     assert len(ATEN) == len(rows_for("torch_aten"))
 
 
-def test_docs_show_the_table() -> None:
+@pytest.mark.parametrize("doc", ["docs/bridges.md", "README.md"])
+def test_docs_show_the_table(doc: str) -> None:
     from nnbridge.converters._table import supported_markdown
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "bridges.md").read_text()
-    assert supported_markdown() in doc
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    assert supported_markdown() in text
 
 
 def test_computed_arguments_and_tuple_output() -> None:
