@@ -35,7 +35,7 @@ def render_report(con: Any, report: Any) -> None:
     t = Table(title=f"verification of {report.network}: {report.samples} samples against {report.reference} "
                     f"(torch gap {report.reference_gap:.2g})")
     for col in ("backend", "max abs", "max rel", "argmax agree", "vs torch", "result"):
-        t.add_column(col, justify="left" if col == "backend" else "right")
+        t.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
     for b in report.backends:
         res = "[green]PASS[/green]" if b.passed else "[red]FAIL[/red]"
         t.add_row(b.backend, f"{b.max_abs:.3g}", f"{b.max_rel:.3g}", f"{b.argmax_agreement:.2%}",
@@ -76,7 +76,7 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="network name (default: from the model or the file name)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a whole pickled module (runs code from the file: only for files you trust)")
-    p.add_argument("--targets", default="nmw,metal,nim", help="comma list of nmw, metal, nim (default: all)")
+    p.add_argument("--targets", default="nmw,nim,metal", help="comma list of nmw, nim, metal (default: all)")
     p.add_argument("--no-verify", action="store_true", help="skip compiling and verifying the generated code")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("-n", "--samples", type=int, default=1024, help="random samples to verify (default 1024)")
@@ -169,7 +169,7 @@ def _configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("arch", help="network spec JSON")
     p.add_argument("--weights", help="NMW weights for the spec (copied into the folder, so `verify` can run)")
     p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--targets", default="metal,nim", help="comma list of metal, nim (default: both)")
+    p.add_argument("--targets", default="nim,metal", help="comma list of nim, metal (default: both)")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.epilog = "example: nnbridge generate arch.json --weights w.nmw -o out/ && nnbridge verify out/"
     p.set_defaults(func=_run_generate)

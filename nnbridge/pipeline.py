@@ -22,7 +22,8 @@ from nnbridge.net import NeuralNet
 from nnbridge.nmw import load_nmw
 from nnbridge.spec import NetworkSpec, load_spec
 
-TARGETS = ("nmw", "metal", "nim")
+TARGETS = ("nmw", "nim", "metal")
+HALF_ATOL = 3e-2  # Metal with half storage: every buffer rounded to 11 significant bits
 REPORT = "report.json"
 
 Progress = Callable[[str], None]
@@ -160,11 +161,15 @@ def verify_folder(folder: OutputFolder, backends: Sequence[str] | None = None, *
                   n: int = 1024, seed: int = 0, progress: Progress | None = None) -> Any:
     """Verify the generated code *in the folder* (not a regeneration) against MLX and torch."""
     from nnbridge.verify import verify
+    from nnbridge.verify.core import DEFAULT_ATOL
 
     say = progress or (lambda _m: None)
     net = folder.network()
     wanted = list(backends) if backends is not None else [b for b, p in (("nim", folder.nim),
                                                                           ("metal", folder.metal)) if p]
+    if not wanted:
+        raise NNBridgeError(f"{folder.path}: no generated code to verify (no {folder.stem}_cpu.nim or .metal)")
+    atol = DEFAULT_ATOL
     runners: dict[str, Any] = {}
     for b in wanted:
         if b == "nim":
@@ -181,10 +186,13 @@ def verify_folder(folder: OutputFolder, backends: Sequence[str] | None = None, *
             from nnbridge.verify.metal import runner_for_folder as metal_runner
 
             runners["metal"] = metal_runner(folder)
+            manifest = folder.path / f"{folder.stem}.manifest.json"
+            if manifest.is_file() and json.loads(manifest.read_text()).get("storage") == "half":
+                atol = HALF_ATOL
         else:
             raise NNBridgeError(f"unknown backend {b!r}; choose nim or metal")
     say(f"verifying {', '.join(wanted)} against MLX and torch")
-    return verify(net, backends=[], inputs=inputs, n=n, seed=seed, runners=runners)
+    return verify(net, backends=[], inputs=inputs, n=n, seed=seed, runners=runners, atol=atol)
 
 
 def predict_folder(folder: OutputFolder, x: Any, backend: str = "nim", threads: int | None = None) -> Any:
