@@ -187,7 +187,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ bench
 @command("bench", "run the CPU benchmark (generated Nim code against torch, onnxruntime, MLX, numpy)")
 def _configure_bench(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer repeats and batch sizes (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="3 repeats instead of 9 (a smoke run)")
+    p.add_argument("--networks", nargs="+", help="preset networks (default: Koan, SimpleMLP, DeepMLP, Binary)")
+    p.add_argument("--batches", nargs="+", help="batch sizes (default: 1 64 4096 65536)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.epilog = "example: nnbridge bench --quick"
     p.set_defaults(func=_run_bench)
@@ -203,7 +205,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return int(mod.main(["--quick"] if args.quick else []) or 0)
+    argv = ["--quick"] if args.quick else []
+    for flag in ("networks", "batches"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", *getattr(args, flag)]
+    if args.out:
+        argv += ["--out", args.out]
+    return int(mod.main(argv) or 0)
 
 
 __all__ = ["EXIT_BAD_INPUT", "render_report"]
