@@ -1,6 +1,7 @@
 """Train the demo's digits classifier with torch and ship it as .pt2 and .safetensors.
 
-    python examples/train_digits.py        # writes examples/digits.pt2 and examples/digits.safetensors
+    python examples/train_digits.py                      # writes examples/digits.pt2 and examples/digits.safetensors
+    python examples/train_digits.py OUT_DIR --epochs 2   # a quick run into another folder (created if needed)
 
 A custom module with its own ``forward`` (functional activations, batch norm, dropout),
 the way people write models; ``make demo`` converts the checkpoint this script writes.
@@ -59,17 +60,25 @@ def train(epochs: int = 60, seed: int = 0) -> tuple[DigitsMLP, float]:
     return model, acc
 
 
-def main() -> None:
+def main(out: Path = HERE, epochs: int = 60) -> None:
+    """Train, then write ``digits.pt2`` and ``digits.safetensors`` into ``out``."""
     from safetensors.torch import save_file
 
-    model, acc = train()
+    out.mkdir(parents=True, exist_ok=True)
+    model, acc = train(epochs)
     example = (torch.zeros(2, 64),)
     ep = torch.export.export(model, example, dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
-    torch.export.save(ep, HERE / "digits.pt2")
+    torch.export.save(ep, out / "digits.pt2")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    save_file(state, HERE / "digits.safetensors", metadata={"format": "pt", "trained_by": "examples/train_digits.py"})
-    print(f"test accuracy {acc:.4f}; wrote {HERE / 'digits.pt2'} and {HERE / 'digits.safetensors'}")
+    save_file(state, out / "digits.safetensors", metadata={"format": "pt", "trained_by": "examples/train_digits.py"})
+    print(f"test accuracy {acc:.4f}; wrote {out / 'digits.pt2'} and {out / 'digits.safetensors'}")
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the digits classifier and save it as .pt2 and .safetensors.")
+    parser.add_argument("out", nargs="?", type=Path, default=HERE, help="output folder (default: examples/)")
+    parser.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
+    args = parser.parse_args()
+    main(args.out, args.epochs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +37,22 @@ def _console(quiet: bool = False) -> Any:
     return Console(quiet=quiet, highlight=False, soft_wrap=True)
 
 
+def _printable(text: str, keep: str = "") -> str:
+    """``text`` with control and format characters (terminal escapes, bidi overrides) written as escapes."""
+    return "".join(ch if ch.isprintable() or ch in keep else ascii(ch)[1:-1] for ch in text)
+
+
+def shown(text: object) -> str:
+    """Text that came from files or the command line (names, paths, messages), safe to print with rich.
+
+    Its ``[...]`` are not markup and its control characters cannot drive the terminal;
+    newlines are kept (summaries span lines).
+    """
+    from rich.markup import escape
+
+    return escape(_printable(str(text), keep="\n"))
+
+
 # ---------------------------------------------------------------- inspect
 @command("inspect", "describe a spec (.json), weights (.nmw) or checkpoint (.pt/.pt2/.safetensors/.npz)")
 def _configure_inspect(p: argparse.ArgumentParser) -> None:
@@ -60,13 +77,13 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _render_inspect(con: Any, info: dict[str, Any]) -> None:
     from rich.table import Table
 
-    con.print(f"[bold]{info['file']}[/bold]  ({info['kind']})")
+    con.print(f"[bold]{shown(info['file'])}[/bold]  ({info['kind']})")
     if "summary" in info:
-        con.print(info["summary"])
+        con.print(shown(info["summary"]))
     if info.get("problems"):
         con.print("[red]problems:[/red]")
         for prob in info["problems"]:
-            con.print(f"  - {prob}")
+            con.print(f"  - {shown(prob)}")
     if info.get("tensors"):
         t = Table(title="tensors")
         for col in ("name", "shape", "min", "max", "mean", "std"):
@@ -74,20 +91,20 @@ def _render_inspect(con: Any, info: dict[str, Any]) -> None:
         for s in info["tensors"]:
             def f(v: Any) -> str:
                 return "-" if v is None else f"{v:.4g}"
-            t.add_row(s["name"], "x".join(map(str, s["shape"])), f(s["min"]), f(s["max"]), f(s["mean"]),
+            t.add_row(shown(s["name"]), "x".join(map(str, s["shape"])), f(s["min"]), f(s["max"]), f(s["mean"]),
                       f(s["std"]) + (f" ({s['nonfinite']} non-finite)" if s["nonfinite"] else ""))
         con.print(t)
     if info["kind"] == "nmw":
         con.print(f"NMW version {info['version']}, {info['size']} bytes; integrity: {info['integrity']}")
         if info.get("trailer"):
-            con.print("provenance: " + json.dumps(info["trailer"], default=str))
+            con.print("provenance: " + shown(json.dumps(info["trailer"], default=str)))
         if not info.get("nim_portable", True):
             con.print("[yellow]note:[/yellow] uses settings the Nim library does not know; not portable to it")
     for key in ("source_kind", "convertible", "reason"):
         if key in info:
-            con.print(f"{key}: {info[key]}")
+            con.print(f"{key}: {shown(info[key])}")
     for w in info.get("warnings", []):
-        con.print(f"[yellow]warning:[/yellow] {w}")
+        con.print(f"[yellow]warning:[/yellow] {shown(w)}")
 
 
 # ------------------------------------------------------------------- main
@@ -122,6 +139,29 @@ def _load_commands() -> None:
                 raise
 
 
+MAX_ERROR_LINE = 2000
+
+
+def one_line(message: str) -> str:
+    """An error message as one printable terminal line.
+
+    Lines are joined (``"x is invalid:\\n  - why"`` → ``"x is invalid: why"``); control
+    characters a message may carry from user text (names, paths) are escaped, so they can
+    neither break the line nor drive the terminal; overlong words (a 10 000-character name,
+    not a path) are shortened, and an overlong message keeps its head (what failed) and its
+    tail (what to do).
+    """
+    parts = [x.strip().lstrip("- ").strip() for x in message.strip().splitlines()]
+    msg = ""
+    for p in (p for p in parts if p):
+        msg = p if not msg else (msg + " " if msg.endswith(":") else msg + "; ") + p
+    msg = _printable(msg)
+    msg = re.sub(r"[^\s/\\]{256,}", lambda m: f"{m[0][:100]}…{m[0][-60:]}", msg)  # longer than any file name
+    if len(msg) > MAX_ERROR_LINE:
+        msg = msg[: MAX_ERROR_LINE * 2 // 3] + " … " + msg[-(MAX_ERROR_LINE // 3):]
+    return msg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nnbridge`` console script."""
     parser = build_parser()
@@ -134,9 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NNBridgeError as e:
         if args.debug:
             raise
-        first = str(e).strip().splitlines()
-        msg = first[0] if len(first) == 1 else "; ".join(x.strip(" -") for x in first)
-        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.write(f"error: {one_line(str(e))}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from nnbridge.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, _console, command
+from nnbridge.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, _console, command, shown
 from nnbridge.errors import NNBridgeError
 
 
@@ -24,40 +24,42 @@ def _progress(args: argparse.Namespace) -> Any:
         return None
     from rich.console import Console
 
-    con = Console(stderr=True, highlight=False)
-    return lambda msg: con.print(f"[dim]…[/dim] {msg}")
+    con = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per step, however long
+    return lambda msg: con.print(f"[dim]…[/dim] {shown(msg)}")
 
 
 def render_report(con: Any, report: Any) -> None:
     """The verification table (rich)."""
     from rich.table import Table
 
-    t = Table(title=f"verification of {report.network}: {report.samples} samples against {report.reference} "
+    t = Table(title=f"verification of {shown(report.network)}: {report.samples} samples against {report.reference} "
                     f"(torch gap {report.reference_gap:.2g})")
     for col in ("backend", "max abs", "max rel", "argmax agree", "vs torch", "result"):
         t.add_column(col, justify="left" if col == "backend" else "right", no_wrap=True)
     for b in report.backends:
         res = "[green]PASS[/green]" if b.passed else "[red]FAIL[/red]"
-        t.add_row(b.backend, f"{b.max_abs:.3g}", f"{b.max_rel:.3g}", f"{b.argmax_agreement:.2%}",
+        t.add_row(shown(b.backend), f"{b.max_abs:.3g}", f"{b.max_rel:.3g}", f"{b.argmax_agreement:.2%}",
                   f"{b.vs_torch_max_abs:.3g}", res)
     con.print(t)
     for b in report.backends:
         if b.error:
-            con.print(f"[red]{b.backend}:[/red] {b.error}")
+            con.print(f"[red]{shown(b.backend)}:[/red] {shown(b.error)}")
         if b.first_divergent_layer:
-            con.print(f"[red]{b.backend}:[/red] first divergent layer {b.first_divergent_layer}")
+            con.print(f"[red]{shown(b.backend)}:[/red] first divergent layer {shown(b.first_divergent_layer)}")
             for tr in b.trace:
                 mark = "ok" if tr.ok else "DIVERGES"
-                con.print(f"    layer {tr.index} {tr.layer}: max abs {tr.max_abs:.3g} (tolerance "
+                con.print(f"    layer {tr.index} {shown(tr.layer)}: max abs {tr.max_abs:.3g} (tolerance "
                           f"{tr.tolerance:.2g}) {mark}")
 
 
 def _load_inputs(path: str, input_size: int) -> np.ndarray:
     p = Path(path)
+    if not p.is_file():
+        raise NNBridgeError(f"{p}: no such file; pass a .npy file of float32 inputs [n, {input_size}]")
     try:
         x = np.load(p, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise NNBridgeError(f"{p}: cannot read as a .npy array: {e}") from None
+        raise NNBridgeError(f"{p}: cannot read as a .npy array ({e}); save inputs with numpy.save") from None
     if x.dtype.kind != "f":
         raise NNBridgeError(f"{p}: expected float32 inputs [n, {input_size}], found dtype {x.dtype}")
     if x.ndim == 1 and x.shape[0] == input_size:
@@ -86,21 +88,25 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from nnbridge.errors import BuildError
     from nnbridge.pipeline import convert
 
-    res = convert(args.source, args.out, arch=args.arch, name=args.name, trust_pickle=args.trust_pickle,
-                  targets=args.targets, verify=not args.no_verify, force=args.force, n=args.samples,
-                  progress=_progress(args))
+    try:
+        res = convert(args.source, args.out, arch=args.arch, name=args.name, trust_pickle=args.trust_pickle,
+                      targets=args.targets, verify=not args.no_verify, force=args.force, n=args.samples,
+                      progress=_progress(args))
+    except BuildError as e:  # the verification step could not build: say how to convert without it
+        raise BuildError(f"{e}; or convert without verification (--no-verify)") from e
     if args.json:
         sys.stdout.write(json.dumps({"out": str(res.out_dir), "files": [str(f) for f in res.files],
                                      "passed": res.passed,
                                      "report": res.report.to_dict() if res.report else None}, indent=2) + "\n")
     else:
         con = _console(args.quiet)
-        con.print(res.network.spec.summary())
+        con.print(shown(res.network.spec.summary()))
         if res.report is not None:
             render_report(con, res.report)
-        con.print(f"wrote {len(res.files)} files to {res.out_dir}/: " + ", ".join(f.name for f in res.files))
+        con.print(f"wrote {len(res.files)} files to {shown(res.out_dir)}/: " + ", ".join(f.name for f in res.files))
     return EXIT_OK if res.passed else EXIT_FAILED
 
 
@@ -132,7 +138,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     np.save(buf, y)
     atomic_write_bytes(args.output, buf.getvalue())
     if not args.quiet:
-        _console().print(f"{len(y)} samples -> {args.output} ({args.backend}); outputs {list(y.shape)}")
+        _console().print(f"{len(y)} samples -> {shown(args.output)} ({args.backend}); outputs {list(y.shape)}")
     return EXIT_OK
 
 
@@ -180,7 +186,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     files = generate_folder(args.arch, args.out, weights=args.weights, targets=args.targets, force=args.force)
     if not args.quiet:
-        _console().print(f"wrote {len(files)} files to {args.out}/: " + ", ".join(f.name for f in files))
+        _console().print(f"wrote {len(files)} files to {shown(args.out)}/: " + ", ".join(f.name for f in files))
     return EXIT_OK
 
 

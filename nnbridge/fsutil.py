@@ -85,6 +85,9 @@ def atomic_directory(path: str | PathLike[str], *, force: bool = False) -> Itera
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OutputError as e:  # a file inside failed: name its destination, not the temporary folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(str(e).replace(str(tmp), str(target))) from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _explain(e, target) from None

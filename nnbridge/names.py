@@ -31,7 +31,7 @@ typename using virtual wchar_t xor_eq main"""
 _METAL = """kernel vertex fragment device threadgroup threadgroup_imageblock thread constant ray_data
 object_data half uint ushort uchar float2 float3 float4 half2 half3 half4 uint2 uint3 uint4 metal
 simd_sum simd_shuffle threadgroup_barrier mem_flags sampler texture exp max min fma tanh sqrt rsqrt"""
-RESERVED = frozenset(w.lower() for w in (_NIM + _C + _CPP + _METAL).split())
+RESERVED = frozenset(w.lower() for w in " ".join((_NIM, _C, _CPP, _METAL)).split())
 
 
 def is_valid_name(name: object) -> bool:
