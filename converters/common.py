@@ -11,12 +11,15 @@
 - :func:`framework_tensors`: the inverse, a spec's weights in torch/MLX layout and names.
 - :func:`spec_disagreement`: the first difference between two specs, for "metadata says
   X, tensors say Y" refusals.
+- :func:`reading`: the one boundary of every checkpoint reader, where whatever a
+  third-party parser raises becomes a :class:`ConversionError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
@@ -55,6 +58,32 @@ class Op:
     eps: float = DEFAULT_EPS
     rate: float = 0.0
     features: int | None = None  # flatten: the feature count it produces, when stated
+
+
+@contextlib.contextmanager
+def reading(path: str | PathLike[str], what: str,
+            explain: Callable[[Exception], NNBridgeError | None] | None = None) -> Iterator[None]:
+    """The boundary of a reader of untrusted bytes: anything but an :class:`NNBridgeError` becomes a ConversionError.
+
+    zipfile, numpy, torch's unpickler and safetensors' Rust core raise an open-ended set of
+    types on corrupt input (IndexError, EOFError, zlib.error, NotImplementedError,
+    OverflowError, MemoryError, RecursionError, SafetensorError …), so each reader wraps
+    its parsing in this, once, instead of listing types it has happened to see.
+    ``explain`` may turn a known failure into a more helpful error (None: the default).
+    """
+    try:
+        yield
+    except NNBridgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the point: no foreign exception type crosses this line
+        better = explain(e) if explain is not None else None
+        raise (better or ConversionError(f"{path}: cannot read as {what}: {exception_text(e)}")) from None
+
+
+def exception_text(e: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters), for one-line errors."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 def as_float32(arr: Any, where: str) -> np.ndarray:
@@ -395,5 +424,5 @@ def file_stem_name(path: str | PathLike[str]) -> str:
     return sanitize_name(Path(path).stem, fallback="network")
 
 
-__all__ = ["Op", "as_float32", "build_net", "file_stem_name", "finish", "framework_shapes", "framework_tensors",
-           "match_tensors", "resolve_arch", "spec_disagreement", "to_nmw"]
+__all__ = ["Op", "as_float32", "build_net", "exception_text", "file_stem_name", "finish", "framework_shapes",
+           "framework_tensors", "match_tensors", "reading", "resolve_arch", "spec_disagreement", "to_nmw"]

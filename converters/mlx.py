@@ -15,6 +15,8 @@ batch and refused when the two differ — never a silently different network.
 from __future__ import annotations
 
 import functools
+import io
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from os import PathLike
@@ -30,7 +32,7 @@ from nnbridge.names import sanitize_name
 from nnbridge.spec import Activation, LayerKind, LayerSpec, NetworkSpec
 
 from ._table import FAMILIES, rows_for, supported_text
-from .common import Op, as_float32, build_net, finish, match_tensors, resolve_arch
+from .common import Op, as_float32, build_net, finish, match_tensors, reading, resolve_arch
 
 if TYPE_CHECKING:
     from nnbridge.net import NeuralNet
@@ -181,15 +183,52 @@ def from_mlx(source: Any, arch: NetworkSpec | str | PathLike[str] | None = None,
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file (``Module.save_weights``), float32; never unpickles."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise ValueError("a single .npy array, not an .npz archive of named arrays")
-        with loaded as z:
-            return {k: np.asarray(z[k]) for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ConversionError(f"{path}: cannot read as an .npz weights file: {str(e).splitlines()[0][:300]}") from None
+    """The arrays of an ``.npz`` file (``Module.save_weights``), as stored; never unpickles.
+
+    Each member's ``.npy`` header is checked against the member's size before any array
+    is allocated, so a header claiming 2**40 elements costs nothing; duplicate names and
+    object (pickled) arrays are refused.
+    """
+    out: dict[str, np.ndarray] = {}
+    # From memory: a zip entry's size fields (here untrusted) would size reads of a real file.
+    with reading(path, "an .npz weights file"), zipfile.ZipFile(io.BytesIO(path.read_bytes())) as z:
+        for info in z.infolist():
+            name = info.filename
+            key = name[:-4] if name.endswith(".npy") else name
+            if key in out:
+                raise ConversionError(f"{path}: member {name!r} appears twice; expected one array per name")
+            out[key] = _read_npy_member(z, info, path)
+    return out
+
+
+def _read_npy_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
+    """One ``.npy`` member: header first, then exactly the bytes the header promises (never more than stored)."""
+    fmt = np.lib.format
+    where = f"{path}: cannot read member {info.filename!r}"
+    with z.open(info) as f:
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        with warnings.catch_warnings():  # the header is a Python literal: odd escapes in it warn, not fail
+            warnings.simplefilter("ignore")
+            shape, fortran_order, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ConversionError(f"{where}: holds Python objects (dtype {dtype}); expected numbers (pickled arrays "
+                                  f"are never loaded)")
+        if any(d < 0 for d in shape):
+            raise ConversionError(f"{where}: header shape {list(shape)}; expected non-negative sizes")
+        count = 1
+        for d in shape:
+            count *= d
+        want, have = count * dtype.itemsize, info.file_size - f.tell()
+        if want != have:
+            raise ConversionError(f"{where}: header says shape {list(shape)} of {dtype} ({want} bytes); expected it "
+                                  f"to match the {have} data bytes stored")
+        data = bytearray(want)
+        got = f.readinto(data)
+    if got != want:
+        raise ConversionError(f"{where}: truncated: expected {want} data bytes, found {got}")
+    flat = np.frombuffer(data, dtype=dtype, count=count) if count else np.empty(0, dtype)
+    return flat.reshape(shape, order="F" if fortran_order else "C")
 
 
 def arrays_to_net(arrays: Mapping[str, Any], arch: NetworkSpec | None, name: str | None, source: str) -> NeuralNet:

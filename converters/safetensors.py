@@ -54,27 +54,52 @@ def save_safetensors(net: NeuralNet, path: str | PathLike[str]) -> Path:
 
 
 def read_safetensors(path: str | PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every tensor of a safetensors file (floats as float32 numpy) and its ``__metadata__``."""
-    from safetensors import SafetensorError, safe_open
+    """Every tensor of a safetensors file (floats as float32 numpy) and its ``__metadata__``.
+
+    The header length is checked against the file before the header is read; the
+    safetensors core then checks every tensor's shape and dtype against its byte range,
+    so nothing is allocated beyond what the file holds (float16/bfloat16 double to float32).
+    """
+    from safetensors import safe_open
+
+    from .common import reading
 
     p = Path(path)
-    try:
+    with reading(p, "safetensors"):
         with p.open("rb") as f:
             head = f.read(8)
         if len(head) < 8:
-            raise ConversionError(f"{p}: not a safetensors file (shorter than its 8-byte header length)")
+            raise ConversionError(f"{p}: not a safetensors file: expected an 8-byte header length, found "
+                                  f"{len(head)} bytes")
         n = int.from_bytes(head, "little")
-        if n > MAX_HEADER or n > p.stat().st_size - 8:
-            raise ConversionError(f"{p}: not a safetensors file (header length {n} does not fit the file)")
+        room = p.stat().st_size - 8
+        if n > min(MAX_HEADER, room):
+            raise ConversionError(f"{p}: not a safetensors file: header length (u64 at offset 0) is {n}; expected "
+                                  f"at most {min(MAX_HEADER, room)} (the bytes after it)")
         out: dict[str, np.ndarray] = {}
-        with safe_open(str(p), framework="pt") as f:
+        with safe_open(str(p), framework="pt") as f:  # checks the header (depth, dtypes, offsets) first
             metadata = dict(f.metadata() or {})
+            with p.open("rb") as raw:
+                raw.seek(8)
+                _refuse_duplicate_keys(p, raw.read(n))
             for key in f.keys():
                 t = f.get_tensor(key)
                 out[key] = t.float().numpy() if t.is_floating_point() else t.numpy()
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ConversionError(f"{p}: cannot read as safetensors: {str(e).splitlines()[0][:300]}") from None
     return out, metadata
+
+
+def _refuse_duplicate_keys(p: Path, header: bytes) -> None:
+    """Refuse a header naming a key twice: the safetensors core keeps the last, other readers may not."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen:
+                raise ConversionError(f"{p}: the header names {key!r} twice; expected each tensor and metadata key "
+                                      f"once")
+            seen.add(key)
+        return dict(items)
+
+    json.loads(header, object_pairs_hook=pairs)
 
 
 def stored_spec(metadata: dict[str, str], source: str) -> NetworkSpec | None:
@@ -119,14 +144,16 @@ def load_safetensors(path: str | PathLike[str], arch: NetworkSpec | str | PathLi
 
 
 def describe_metadata(metadata: dict[str, str]) -> dict[str, Any]:
-    """The metadata shown by ``nnbridge inspect`` (the spec JSON shortened)."""
+    """The metadata shown by ``nnbridge inspect`` (the spec JSON shortened to its name)."""
     out: dict[str, Any] = {}
     for k, v in metadata.items():
         if k == SPEC_KEY:
             try:
-                out[k] = json.loads(v).get("name")
-            except ValueError:
-                out[k] = "(invalid JSON)"
+                doc = json.loads(v)
+            except (ValueError, RecursionError):
+                doc = None
+            name = doc.get("name") if isinstance(doc, dict) else None
+            out[k] = name if isinstance(name, str) else "(not a spec: invalid JSON or no name)"
         else:
             out[k] = v if len(v) <= 200 else v[:197] + "..."
     return out

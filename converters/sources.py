@@ -67,7 +67,8 @@ def describe_source(path: str | PathLike[str]) -> dict[str, Any]:
     """What a checkpoint holds and whether it converts without more input.
 
     Keys: ``kind`` ("checkpoint"), ``file``, ``source_kind``, ``convertible``, ``reason``
-    (why not, else None), ``tensors`` (statistics); when convertible also the keys of
+    (why not, else None), ``tensors`` (statistics), ``warnings`` (e.g. tensors holding NaN
+    or infinity, which load but are worth a look); when convertible also the keys of
     :func:`nnbridge.inspect.describe_spec`, and then ``tensors`` are the converted
     weights in NMW layout. Never unpickles: a pickled module is reported, not loaded.
     Raises only :class:`NNBridgeError` (for a file that cannot be read at all).
@@ -92,6 +93,8 @@ def describe_source(path: str | PathLike[str]) -> dict[str, Any]:
         info["reason"] = "holds weights only, not the network; convert with an arch spec (--arch spec.json)"
     else:
         raise ConversionError(f"{p}: not a checkpoint ({', '.join(SOURCE_SUFFIXES)})")
+    bad = [f"{t['name']} ({t['nonfinite']} of {t['count']} values)" for t in info["tensors"] if t["nonfinite"]]
+    info["warnings"] = [f"tensors with NaN or infinity: {', '.join(bad)}"] if bad else []
     return info
 
 
@@ -101,16 +104,17 @@ def _stats(tensors: dict[str, Any]) -> list[dict[str, Any]]:
     from nnbridge.inspect import tensor_stats
 
     out = []
-    for name, arr in tensors.items():
-        a = np.asarray(arr)
-        if a.dtype.kind in "fiu":
-            out.append(tensor_stats(name, a))
+    with np.errstate(all="ignore"):  # signalling NaNs, float128 or huge integers: counted, not warned
+        for name, arr in tensors.items():
+            a = np.asarray(arr)
+            if a.dtype.kind in "fiu":
+                out.append(tensor_stats(name, a))
     return out
 
 
 def _converted(info: dict[str, Any], convert: Any) -> None:
     """Try ``convert()``; record the network or the reason it does not convert."""
-    from nnbridge.inspect import describe_spec, tensor_stats
+    from nnbridge.inspect import describe_spec
 
     try:
         net = convert()
@@ -122,7 +126,7 @@ def _converted(info: dict[str, Any], convert: Any) -> None:
         return
     info.update(describe_spec(net.spec))
     info["convertible"] = True
-    info["tensors"] = [tensor_stats(n, t) for n, t in net.weights.items()]
+    info["tensors"] = _stats(dict(net.weights.items()))
 
 
 def _describe_safetensors(p: Path, info: dict[str, Any]) -> None:
@@ -151,7 +155,7 @@ def _describe_pt2(p: Path, info: dict[str, Any]) -> None:
 
 
 def _describe_pt(p: Path, info: dict[str, Any]) -> None:
-    from .torch import PickledCheckpointError, find_state_dict, load_checkpoint
+    from .torch import PickledCheckpointError, find_state_dict, load_checkpoint, tensor_to_numpy
 
     try:
         obj = load_checkpoint(p, trust_pickle=False)
@@ -162,12 +166,11 @@ def _describe_pt(p: Path, info: dict[str, Any]) -> None:
     info["source_kind"] = "torch checkpoint"
     try:
         state = find_state_dict(obj, str(p))
+        info["source_kind"] = "torch state dict"
+        info["tensors"] = _stats({k: tensor_to_numpy(v, f"{p}: tensor {k!r}") for k, v in state.items()})
     except ConversionError as e:
         info["reason"] = str(e)
         return
-    info["source_kind"] = "torch state dict"
-    info["tensors"] = _stats({k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-                              for k, v in state.items()})
     info["reason"] = "holds weights only, not the network; convert with an arch spec (--arch spec.json)"
 
 

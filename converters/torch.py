@@ -22,7 +22,7 @@ import operator
 import pickle
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,9 +41,11 @@ from .common import (
     Op,
     as_float32,
     build_net,
+    exception_text,
     file_stem_name,
     finish,
     match_tensors,
+    reading,
     resolve_arch,
 )
 
@@ -212,16 +214,38 @@ def state_dict_to_net(state: Mapping[str, Any], arch: NetworkSpec | None, name: 
             raise ConversionError(
                 f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a state dict "
                 f"(name -> tensor)")
-        tensors[key] = _np(value)
+        tensors[key] = tensor_to_numpy(value, f"{source}: tensor {key!r}")
     weights = match_tensors(arch, tensors, source, sort=sort)
     net = NeuralNet(arch, weights)
     return finish(net, name=name, arch=None, source=source)
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+_NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                 torch.uint32, torch.uint64, torch.complex64, torch.complex128}
+
+
+def tensor_to_numpy(t: torch.Tensor, where: str = "tensor") -> np.ndarray:
+    """``t`` as numpy (floating point as float32); refuses tensors numpy cannot hold or that hold less than they show.
+
+    A checkpoint can describe a tensor of 2**31 elements over a 4-byte storage (stride 0):
+    copying it would allocate gigabytes from a tiny file, so the elements a tensor shows
+    must fit in the storage it has.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise ConversionError(f"{where}: is a {type(t).__name__}; expected a tensor")
     t = t.detach()
     if t.device.type == "meta":
-        raise ConversionError("tensor is on the meta device (no data); load real weights first")
+        raise ConversionError(f"{where}: tensor is on the meta device (no data); load real weights first")
+    if t.layout is not torch.strided or t.is_quantized:
+        kind = "quantized" if t.layout is torch.strided else str(t.layout).removeprefix("torch.")
+        raise ConversionError(f"{where}: is a {kind} tensor ({t.dtype}); expected a dense floating-point tensor")
+    if not t.is_floating_point() and t.dtype not in _NUMPY_DTYPES:
+        raise ConversionError(f"{where}: has dtype {t.dtype}; expected floating point")
+    shown, held = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if shown > held:
+        raise ConversionError(
+            f"{where}: shape {list(t.shape)} (stride {list(t.stride())}) shows {shown} bytes but its storage holds "
+            f"{held}; expected a tensor that owns its elements (save t.contiguous() or t.clone())")
     t = t.cpu()
     return t.float().numpy() if t.is_floating_point() else t.numpy()
 
@@ -259,34 +283,42 @@ class PickledCheckpointError(ConversionError):
 
 
 def load_checkpoint(path: Path, *, trust_pickle: bool = False) -> Any:
-    """``torch.load`` of ``path`` on the CPU: ``weights_only=True`` unless ``trust_pickle``."""
-    try:
-        with warnings_silenced():
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
+    """``torch.load`` of ``path`` on the CPU: ``weights_only=True`` unless ``trust_pickle``.
+
+    A legacy (non-zip) checkpoint is unpickled straight from the file, where a length in the
+    pickle makes the file read allocate what it claims (4 bytes of a 4 KB file can ask for
+    4 GB); it is read into memory first, so a read can only return what the file holds.
+    """
+    with reading(path, "a torch checkpoint", _explain_load_error(path)), warnings_silenced():
+        with path.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        source = path if zipped else io.BytesIO(path.read_bytes())
+        return torch.load(source, map_location="cpu", weights_only=not trust_pickle)
+
+
+def _explain_load_error(path: Path) -> Callable[[Exception], ConversionError | None]:
+    """The errors of ``torch.load`` worth a specific message: pickled objects refused, TorchScript."""
+    def explain(e: Exception) -> ConversionError | None:
         text = str(e)
-        if "Unsupported global" in text:
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in text:
             found = text.split("Unsupported global:", 1)[1].split("was not")[0].strip()
-            raise PickledCheckpointError(
+            return PickledCheckpointError(
                 f"{path}: holds a pickled Python object ({found}), not just tensors. Loading it runs code from "
                 f"the file (unpickling can execute arbitrary code), so it is refused by default. If you trust the "
                 f"file, pass trust_pickle=True (--trust-pickle on the command line); better, save "
-                f"model.state_dict() or a torch.export program instead") from None
-        detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
-        raise ConversionError(
-            f"{path}: cannot read with torch.load(weights_only=True) ({_first_line(detail)}): the file is corrupt or "
-            f"holds pickled Python objects; only if you trust it, pass trust_pickle=True") from None
-    except RuntimeError as e:
-        text = str(e)
-        if "TorchScript" in text:
-            raise ConversionError(
+                f"model.state_dict() or a torch.export program instead")
+        if isinstance(e, pickle.UnpicklingError):
+            detail = text.split("WeightsUnpickler error:", 1)[-1]
+            return ConversionError(
+                f"{path}: cannot read with torch.load(weights_only=True) ({_first_line(detail)}): the file is corrupt "
+                f"or holds pickled Python objects; only if you trust it, pass trust_pickle=True")
+        if isinstance(e, RuntimeError) and "TorchScript" in text:
+            return ConversionError(
                 f"{path}: is a TorchScript archive, which is not supported; save model.state_dict() (with arch=) "
-                f"or export with torch.export.save") from None
-        raise ConversionError(f"{path}: cannot read as a torch checkpoint: {_first_line(text)}") from None
-    except (OSError, EOFError, ValueError, KeyError, AttributeError, TypeError, ImportError,
-            zipfile.BadZipFile) as e:
-        raise ConversionError(f"{path}: cannot read as a torch checkpoint: {_first_line(str(e)) or type(e).__name__}"
-                              ) from None
+                f"or export with torch.export.save")
+        return None
+
+    return explain
 
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
@@ -311,22 +343,39 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0][:300] if text.strip() else ""
 
 
+class _LoggedErrors(logging.Handler):
+    """Collects the exceptions torch logs (with ``exc_info``) before raising a generic error."""
+
+    def __init__(self, errors: list[BaseException]) -> None:
+        super().__init__(logging.WARNING)
+        self.errors = errors
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
 @contextlib.contextmanager
-def warnings_silenced() -> Iterator[None]:
-    """Keep torch's loader chatter (warnings, log lines) off the user's console."""
+def warnings_silenced(errors: list[BaseException] | None = None) -> Iterator[None]:
+    """Keep torch's loader chatter (warnings, log lines) off the user's console; logged exceptions go to ``errors``."""
     import warnings
 
     loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export", "torch.export.pt2_archive._package")]
-    levels = [lg.level for lg in loggers]
+    saved = [(lg.level, lg.propagate, lg.handlers) for lg in loggers]
+    collector = _LoggedErrors([] if errors is None else errors)
     try:
         for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
+            lg.setLevel(logging.WARNING)
+            lg.propagate = False
+            lg.handlers = [collector]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+        for lg, (level, propagate, handlers) in zip(loggers, saved):
+            lg.setLevel(level)
+            lg.propagate = propagate
+            lg.handlers = handlers
 
 
 # ------------------------------------------------------------------ .pt2
@@ -334,45 +383,57 @@ def pt2_risks(path: Path) -> list[str]:
     """Parts of a ``.pt2`` archive whose loading would unpickle or run code (empty when it is safe).
 
     ``torch.export.load`` unpickles pickled weights/constants, custom objects and sample
-    inputs, and loads AOTInductor libraries; this looks at the archive (plain zip and JSON
-    reads, sample inputs with ``weights_only=True``) before anything is loaded.
+    inputs, and loads AOTInductor libraries; when its own reader fails (e.g. on a file
+    outside the archive folder) it falls back to a legacy loader that unpickles top-level
+    ``serialized_*.pt`` entries. This looks at the archive (plain zip and JSON reads, sample
+    inputs with ``weights_only=True``) before anything is loaded. Every entry is read
+    through its own zip record, and duplicate names are refused, so that torch's C++ zip
+    reader cannot be shown a different entry than the one checked here.
     """
+    def explain(e: Exception) -> ConversionError:
+        return ConversionError(f"{path}: not a torch.export .pt2 archive: {exception_text(e)}")
+
     risks: list[str] = []
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            roots = {n.split("/", 1)[0] for n in names if "/" in n}
-            if len(roots) != 1:
-                return [f"not a torch.export archive (top folders: {sorted(roots)[:5]})"]
-            root = roots.pop() + "/"
-            rel = [n[len(root):] for n in names]
-            fmt = z.read(root + "archive_format").decode("utf-8", "replace").strip() \
-                if "archive_format" in rel else ""
-            if fmt != "pt2":
-                return ["an old-format export archive (pickled payloads)"]
-            for r in rel:
-                if r.startswith("data/aotinductor/") and not r.endswith("/"):
-                    risks.append(f"an AOTInductor compiled library ({r})")
-                    break
-            for r in rel:
-                if r.endswith(".pt") and (r.startswith("data/weights/") or r.startswith("data/constants/")):
-                    risks.append(f"legacy pickled payload {r}")
-                if r.endswith("_config.json") and (r.startswith("data/weights/") or r.startswith("data/constants/")):
-                    config = json.loads(z.read(root + r)).get("config", {})
-                    for fqn, meta in config.items():
-                        path_name = str(meta.get("path_name", ""))
-                        if meta.get("use_pickle") or path_name.startswith(("custom_obj_", "opaque_obj_")):
-                            risks.append(f"pickled entry {fqn!r} in {r}")
-                if r.startswith("data/sample_inputs/") and r.endswith(".pt"):
-                    data = z.read(root + r)
-                    if data:
-                        try:
-                            with warnings_silenced():
-                                torch.load(io.BytesIO(data), weights_only=True)
-                        except Exception:  # noqa: BLE001 - any failure means torch would unpickle it unsafely
-                            risks.append(f"sample inputs {r} that need full unpickling")
-    except (zipfile.BadZipFile, OSError, KeyError, ValueError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not a torch.export .pt2 archive: {_first_line(str(e))}") from None
+    # From memory: a zip entry's size fields (here untrusted) would size reads of a real file.
+    with reading(path, "a torch.export .pt2 archive", explain), zipfile.ZipFile(io.BytesIO(path.read_bytes())) as z:
+        infos = z.infolist()
+        seen: set[str] = set()
+        for info in infos:
+            if info.filename in seen:
+                return [f"entry {info.filename!r} appears twice (zip readers may pick different copies)"]
+            seen.add(info.filename)
+        roots = sorted({info.filename.split("/", 1)[0] for info in infos})
+        outside = [info.filename for info in infos if "/" not in info.filename]
+        if len(roots) != 1 or outside:
+            return [f"not a single-folder torch.export archive (top-level entries {roots[:5]}); torch.export.load "
+                    f"would fall back to its legacy loader, which unpickles"]
+        root = roots[0] + "/"
+        rel = {info.filename[len(root):]: info for info in infos}
+        fmt = z.read(rel["archive_format"]).decode("utf-8", "replace").strip() if "archive_format" in rel else ""
+        if fmt != "pt2":
+            return ["an old-format export archive (pickled payloads)"]
+        for r in rel:
+            if r.startswith("data/aotinductor/") and not r.endswith("/"):
+                risks.append(f"an AOTInductor compiled library ({r})")
+                break
+        for r, info in rel.items():
+            in_payload = r.startswith(("data/weights/", "data/constants/"))
+            if in_payload and r.endswith(".pt"):
+                risks.append(f"legacy pickled payload {r}")
+            if in_payload and r.endswith("_config.json"):
+                config = json.loads(z.read(info)).get("config", {})
+                for fqn, meta in config.items():
+                    path_name = str(meta.get("path_name", ""))
+                    if meta.get("use_pickle") or path_name.startswith(("custom_obj_", "opaque_obj_")):
+                        risks.append(f"pickled entry {fqn!r} in {r}")
+            if r.startswith("data/sample_inputs/") and r.endswith(".pt"):
+                data = z.read(info)
+                if data:
+                    try:
+                        with warnings_silenced():
+                            torch.load(io.BytesIO(data), weights_only=True)
+                    except Exception:  # noqa: BLE001 - any failure means torch would unpickle it unsafely
+                        risks.append(f"sample inputs {r} that need full unpickling")
     return risks
 
 
@@ -384,11 +445,15 @@ def load_program(path: Path, *, trust_pickle: bool = False) -> torch.export.Expo
             f"{path}: loading this archive would run code from it ({'; '.join(risks[:3])}); unpickling can execute "
             f"arbitrary code, so it is refused by default. If you trust the file, pass trust_pickle=True "
             f"(--trust-pickle on the command line)")
-    try:
-        with warnings_silenced():
-            return torch.export.load(path)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds here; all mean "cannot load"
-        raise ConversionError(f"{path}: cannot load the torch.export program: {_first_line(str(e))}") from None
+    logged: list[BaseException] = []
+
+    def explain(e: Exception) -> ConversionError | None:
+        if not logged:
+            return None  # torch logs the real cause, then raises "check the warnings above": name the cause
+        return ConversionError(f"{path}: cannot read as a torch.export program: {exception_text(logged[0])}")
+
+    with reading(path, "a torch.export program", explain), warnings_silenced(logged):
+        return torch.export.load(path)
 
 
 # ======================================================= dispatch tables (from _table)
@@ -569,9 +634,9 @@ def _fx_op(gm: torch.fx.GraphModule, node: torch.fx.Node, family: str, where: st
             raise _refuse(source, where, "torch", "uses a weight that is computed, not a parameter")
         w_target = str(w_node.target)
         path = w_target.rpartition(".")[0] or node.name
-        tensors = {"weight": _weight_t(attrs[w_node], where)}
+        tensors = {"weight": _weight_t(attrs[w_node], f"{source}: {where}")}
         if b_node is not None:
-            tensors["bias"] = as_float32(_np(attrs[b_node]), where)
+            tensors["bias"] = _f32(attrs[b_node], f"{source}: {where}")
         return Op("dense", where, path=path, tensors=tensors)
     if family == "dropout":
         return Op("dropout", where, path=node.name, rate=float(_arg(node, 1, "p", 0.5)))
@@ -613,19 +678,24 @@ def _fx_flatten(node: torch.fx.Node, where: str, batch_nodes: set[torch.fx.Node]
     return Op("flatten", where, features=features)
 
 
-def _weight_t(w: Any, where: str) -> np.ndarray:
+def _f32(t: Any, at: str) -> np.ndarray:
+    """A parameter or buffer as a float32 numpy array; ``at`` (source and op) names it in errors."""
+    return as_float32(tensor_to_numpy(t, at), at)
+
+
+def _weight_t(w: Any, at: str) -> np.ndarray:
     """A torch ``[out, in]`` weight as an NMW ``[in, out]`` float32 array."""
-    a = as_float32(_np(w), where)
+    a = _f32(w, at)
     if a.ndim != 2:
-        raise ConversionError(f"{where}: weight has shape {list(a.shape)}; expected [out, in]")
+        raise ConversionError(f"{at}: weight has shape {list(a.shape)}; expected [out, in]")
     return np.ascontiguousarray(a.T)
 
 
 def _module_op(mod: nn.Module, path: str, family: str, where: str, source: str) -> Op | None:
     if family == "dense":
-        tensors = {"weight": _weight_t(mod.weight, where)}
+        tensors = {"weight": _weight_t(mod.weight, f"{source}: {where}")}
         if mod.bias is not None:
-            tensors["bias"] = as_float32(_np(mod.bias), where)
+            tensors["bias"] = _f32(mod.bias, f"{source}: {where}")
         return Op("dense", where, path=path, tensors=tensors)
     if family == "batch_norm":
         return _bn_op(where, path, mod.weight, mod.bias, mod.running_mean, mod.running_var, mod.eps,
@@ -654,13 +724,14 @@ def _bn_op(where: str, path: str, weight: Any, bias: Any, mean: Any, var: Any, e
         raise _refuse(source, where, "torch",
                       "has no running statistics (track_running_stats=False), so it normalises with batch "
                       "statistics at inference, which the spec cannot express")
-    m = as_float32(_np(mean), where)
+    at = f"{source}: {where}"
+    m = _f32(mean, at)
     n = int(m.shape[0]) if size is None else int(size)
     tensors = {
-        "gamma": as_float32(_np(weight), where) if weight is not None else np.ones(n, np.float32),
-        "beta": as_float32(_np(bias), where) if bias is not None else np.zeros(n, np.float32),
+        "gamma": _f32(weight, at) if weight is not None else np.ones(n, np.float32),
+        "beta": _f32(bias, at) if bias is not None else np.zeros(n, np.float32),
         "running_mean": m,
-        "running_var": as_float32(_np(var), where),
+        "running_var": _f32(var, at),
     }
     return Op("batch_norm", where, path=path, tensors=tensors, eps=float(eps))
 
@@ -797,9 +868,9 @@ def _aten_op(node: torch.fx.Node, family: str, where: str, fqn: dict[torch.fx.No
                                                            or node.kwargs.get("alpha", 1) != 1):
                 raise _refuse(source, where, "torch.export", "scales addmm (alpha/beta != 1)")
         weight = _param(w_node, fqn, values, where, source)
-        tensors = {"weight": _weight_t(weight, where)}
+        tensors = {"weight": _weight_t(weight, f"{source}: {where}")}
         if b_node is not None:
-            tensors["bias"] = as_float32(_np(_param(b_node, fqn, values, where, source)), where)
+            tensors["bias"] = _f32(_param(b_node, fqn, values, where, source), f"{source}: {where}")
         path = fqn[w_node].rpartition(".")[0] or node.name
         return Op("dense", where, path=path, tensors=tensors)
     if family == "batch_norm":
@@ -862,5 +933,5 @@ def _check_table() -> None:
 _check_table()
 
 __all__ = ["PickledCheckpointError", "activation_module", "from_torch", "init_dense_weights", "load_checkpoint",
-           "load_program", "module_to_net", "program_to_net", "pt2_risks", "run_torch", "state_dict_to_net", "to_torch",
-           "torch_layer_outputs"]
+           "load_program", "module_to_net", "program_to_net", "pt2_risks", "run_torch", "state_dict_to_net",
+           "tensor_to_numpy", "to_torch", "torch_layer_outputs"]
