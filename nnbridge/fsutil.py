@@ -19,6 +19,16 @@ from pathlib import Path
 from nnbridge.errors import OutputError
 
 
+def _file_mode() -> int:
+    """Mode for new files: 0o666 less the process umask (``mkstemp`` alone would give 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def _explain(e: OSError, target: Path) -> OutputError:
     reason = {
         errno.ENOSPC: "the disk is full; free some space",
@@ -37,6 +47,7 @@ def atomic_write_bytes(path: str | PathLike[str], data: bytes) -> Path:
     tmp_name = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name[:80]}.", suffix=".tmp", dir=target.parent or ".")
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -45,3 +45,12 @@ def test_atomic_directory_refuses_non_empty_unless_forced(tmp_path):
         (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_new_files_follow_the_umask(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    p = atomic_write_bytes(tmp_path / "f.txt", b"x")
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~mask)
