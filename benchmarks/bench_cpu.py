@@ -211,8 +211,8 @@ def _make_peer(peer: str, net: Any, cache_dir: str | None) -> Any:
 
 
 # ------------------------------------------------------------------ timing
-def _calibrate(f: Fn) -> int:
-    """Calls per timed sample so one sample lasts about MIN_TIME_S."""
+def calibrate(f: Fn, min_time: float = MIN_TIME_S, max_calls: int = 1 << 20) -> int:
+    """Calls per timed sample so one sample lasts about ``min_time`` seconds."""
     f()
     n = 1
     while True:
@@ -220,14 +220,14 @@ def _calibrate(f: Fn) -> int:
         for _ in range(n):
             f()
         dt = time.perf_counter() - t0
-        if dt >= MIN_TIME_S / 4 or n >= 1 << 20:
-            return max(1, int(n * MIN_TIME_S / max(dt, 1e-9)))
+        if dt >= min_time / 4 or n >= max_calls:
+            return max(1, round(n * min_time / max(dt, 1e-9)))
         n *= 4
 
 
 def time_interleaved(calls: dict[str, Fn], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each function: ``repeats`` rounds, every function once per round."""
-    inner = {k: _calibrate(f) for k, f in calls.items()}
+    inner = {k: calibrate(f) for k, f in calls.items()}
     times: dict[str, list[float]] = {k: [] for k in calls}
     names = list(calls)
     for r in range(repeats):

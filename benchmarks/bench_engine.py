@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
-from bench_cpu import machine_info, make_network  # noqa: E402
+from bench_cpu import calibrate, machine_info, make_network  # noqa: E402
 
 NETWORK = "KoanClassifier"
 BATCHES = (65536, 4096)
@@ -107,20 +107,6 @@ def make_peers(net: Any, cache_dir: str | None = None) -> tuple[dict[str, Callab
 
 
 # ------------------------------------------------------------------ timing
-def _calibrate(f: Fn) -> int:
-    """Calls per timed sample so one sample lasts about MIN_TIME_S."""
-    f()
-    n = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            f()
-        dt = time.perf_counter() - t0
-        if dt >= MIN_TIME_S / 4 or n >= 1 << 16:
-            return max(1, round(n * MIN_TIME_S / max(dt, 1e-9)))
-        n *= 4
-
-
 def _busy_seconds() -> float | None:
     """CPU seconds the whole machine has been busy (every process, every core), from /proc/stat."""
     try:
@@ -138,7 +124,7 @@ def time_interleaved(calls: dict[str, Fn], repeats: int) -> dict[str, dict[str, 
     """Per function and timed sample: wall and process CPU seconds per call, and the cores the rest
     of the machine kept busy meanwhile (``others``); ``repeats`` rounds, every function once per
     round, in a rotating order."""
-    inner = {k: _calibrate(f) for k, f in calls.items()}
+    inner = {k: calibrate(f, MIN_TIME_S, 1 << 16) for k, f in calls.items()}
     out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": [], "others": []} for k in calls}
     names = list(calls)
     for r in range(repeats):

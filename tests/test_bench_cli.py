@@ -1,4 +1,4 @@
-"""`nnbridge bench` runs the benchmark (a smoke run: one network, one batch size, 3 repeats)."""
+"""The benchmarks run (smoke runs: one network, one batch size, few repeats)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def test_bench_outside_a_checkout(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--quick"]) == 2
     assert "source checkout" in capsys.readouterr().err
+
+
+@needs_nim
+def test_engine_benchmark_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_engine.py"), "--quick", "--batches", "4096",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| 4096 |" in r.stdout
+    assert json.loads((tmp_path / "bench_engine.json").read_text())
