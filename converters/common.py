@@ -18,7 +18,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import re
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
@@ -78,6 +80,28 @@ def reading(path: str | PathLike[str], what: str,
     except Exception as e:  # noqa: BLE001 - the point: no foreign exception type crosses this line
         better = explain(e) if explain is not None else None
         raise (better or ConversionError(f"{path}: cannot read as {what}: {exception_text(e)}")) from None
+
+
+MAX_ZIP_EXPANSION = 64  # weights barely compress; deflate bombs reach ~1000x
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """Open an untrusted zip (``.npz``, ``.pt2``) from memory, refusing a possible zip bomb.
+
+    Read from memory: an entry's (untrusted) size fields would otherwise size reads of the
+    real file. Readers stop at an entry's declared size, so capping the declared total at
+    64x the file (+1 MiB) bounds what decompression can allocate.
+    """
+    data = path.read_bytes()
+    z = zipfile.ZipFile(io.BytesIO(data))
+    total = sum(info.file_size for info in z.infolist())
+    limit = MAX_ZIP_EXPANSION * len(data) + (1 << 20)
+    if total > limit:
+        z.close()
+        raise ConversionError(
+            f"{path}: the archive declares {total} bytes uncompressed from {len(data)} on disk (more than "
+            f"{MAX_ZIP_EXPANSION}x + 1 MiB); refusing a possible zip bomb — store the weights uncompressed")
+    return z
 
 
 def exception_text(e: BaseException) -> str:

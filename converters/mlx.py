@@ -15,7 +15,6 @@ batch and refused when the two differ — never a silently different network.
 from __future__ import annotations
 
 import functools
-import io
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -32,7 +31,7 @@ from nnbridge.names import sanitize_name
 from nnbridge.spec import Activation, LayerKind, LayerSpec, NetworkSpec
 
 from ._table import FAMILIES, rows_for, supported_text
-from .common import Op, as_float32, build_net, finish, match_tensors, reading, resolve_arch
+from .common import Op, as_float32, build_net, finish, match_tensors, open_zip, reading, resolve_arch
 
 if TYPE_CHECKING:
     from nnbridge.net import NeuralNet
@@ -190,8 +189,7 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
     object (pickled) arrays are refused.
     """
     out: dict[str, np.ndarray] = {}
-    # From memory: a zip entry's size fields (here untrusted) would size reads of a real file.
-    with reading(path, "an .npz weights file"), zipfile.ZipFile(io.BytesIO(path.read_bytes())) as z:
+    with reading(path, "an .npz weights file"), open_zip(path) as z:
         for info in z.infolist():
             name = info.filename
             key = name[:-4] if name.endswith(".npy") else name

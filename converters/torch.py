@@ -20,7 +20,6 @@ import logging
 import math
 import operator
 import pickle
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from os import PathLike
@@ -45,6 +44,7 @@ from .common import (
     file_stem_name,
     finish,
     match_tensors,
+    open_zip,
     reading,
     resolve_arch,
 )
@@ -394,8 +394,7 @@ def pt2_risks(path: Path) -> list[str]:
         return ConversionError(f"{path}: not a torch.export .pt2 archive: {exception_text(e)}")
 
     risks: list[str] = []
-    # From memory: a zip entry's size fields (here untrusted) would size reads of a real file.
-    with reading(path, "a torch.export .pt2 archive", explain), zipfile.ZipFile(io.BytesIO(path.read_bytes())) as z:
+    with reading(path, "a torch.export .pt2 archive", explain), open_zip(path) as z:
         infos = z.infolist()
         seen: set[str] = set()
         for info in infos:

@@ -249,3 +249,17 @@ def test_inspect_prints_text_from_the_file_literally(tmp_path: Path, capsys: pyt
     assert nnbridge.cli.main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "[/red]a.weight" in out and "\x1b" not in out
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt2"])
+def test_zip_bomb_is_refused_before_decompressing(tmp_path: Path, suffix: str) -> None:
+    import zipfile
+
+    from nnbridge.errors import ConversionError
+
+    bomb = tmp_path / f"bomb{suffix}"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.writestr("bomb/data/0" if suffix == ".pt2" else "w.npy", b"\0" * (64 << 20))
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(ConversionError, match="zip bomb"):
+        nb.load_source(bomb, arch=nb.koan_classifier())
