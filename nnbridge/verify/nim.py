@@ -211,7 +211,8 @@ class NimBuild:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{self.module}-", suffix=".building", dir=self.cache_dir))
         except OSError as e:
-            raise BuildError(f"{self.cache_dir}: cannot create the build cache: {e.strerror or e}") from None
+            raise BuildError(f"{self.cache_dir}: cannot create the build cache: {e.strerror or e}; set "
+                             "NNBRIDGE_CACHE_DIR (or XDG_CACHE_HOME) to a writable folder") from None
         try:
             src = tmp / f"{self.module}.nim"
             src.write_text(self.source_text, encoding="utf-8")

@@ -314,8 +314,9 @@ def _compile(cmds: list[list[str]], cwd: Path, what: list[str]) -> None:
             if p.returncode != 0:
                 lines = out.strip().splitlines()
                 shown = "\n".join(lines[:40]) + ("\n..." if len(lines) > 40 else "")
-                raise BuildError(f"the Metal emulation could not compile {label} (the shim accepts only the MSL "
-                                 f"subset listed in docs/metal.md):\n{shown}\ncommand: {shlex.join(cmd)}")
+                raise BuildError(f"the Metal emulation could not compile {label} (an error in the kernel source "
+                                 f"means it left the MSL subset the shim accepts, listed in docs/metal.md; "
+                                 f"otherwise check the C++ compiler):\n{shown}\ncommand: {shlex.join(cmd)}")
     except OSError as e:
         raise BuildError(f"cannot run the C++ compiler: {e}") from None
     except subprocess.TimeoutExpired:
