@@ -264,6 +264,15 @@ def finish(net: NeuralNet, *, name: str | None, arch: NetworkSpec | None, source
 
 
 # ----------------------------------------------------------------- arch specs
+def require_arch(arch: NetworkSpec | None, source: str, holder: str) -> NetworkSpec:
+    """``arch``, or the error for a file that holds weights only (``holder``: "a state dict", …)."""
+    if arch is None:
+        raise ConversionError(
+            f"{source}: {holder} holds weights only, not the network (activations, order); pass arch= (a "
+            f"NetworkSpec or spec JSON file, --arch on the command line)")
+    return arch
+
+
 def resolve_arch(arch: NetworkSpec | str | PathLike[str] | None) -> NetworkSpec | None:
     """``arch`` as a checked spec: a :class:`NetworkSpec` or the path of a spec JSON file."""
     if arch is None:

@@ -31,7 +31,7 @@ from nnbridge.names import sanitize_name
 from nnbridge.spec import Activation, LayerKind, LayerSpec, NetworkSpec
 
 from ._table import FAMILIES, rows_for, supported_text
-from .common import Op, as_float32, build_net, finish, match_tensors, open_zip, reading, resolve_arch
+from .common import Op, as_float32, build_net, finish, match_tensors, open_zip, reading, require_arch, resolve_arch
 
 if TYPE_CHECKING:
     from nnbridge.net import NeuralNet
@@ -233,10 +233,7 @@ def arrays_to_net(arrays: Mapping[str, Any], arch: NetworkSpec | None, name: str
     """Bind flat MLX-layout arrays (``layers.0.weight`` …, Linear ``[out, in]``) to ``arch``."""
     from nnbridge.net import NeuralNet
 
-    if arch is None:
-        raise ConversionError(
-            f"{source}: a weights file holds weights only, not the network (activations, order); pass arch= (a "
-            f"NetworkSpec or spec JSON file, --arch on the command line)")
+    arch = require_arch(arch, source, "a weights file")
     tensors = {}
     for key, value in arrays.items():
         if isinstance(value, mx.array):

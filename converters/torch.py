@@ -46,6 +46,7 @@ from .common import (
     match_tensors,
     open_zip,
     reading,
+    require_arch,
     resolve_arch,
 )
 
@@ -204,10 +205,7 @@ def state_dict_to_net(state: Mapping[str, Any], arch: NetworkSpec | None, name: 
     """Bind a state dict (torch layout) to ``arch``: by name when names agree, else by order."""
     from nnbridge.net import NeuralNet
 
-    if arch is None:
-        raise ConversionError(
-            f"{source}: a state dict holds weights only, not the network (activations, order); pass arch= (a "
-            f"NetworkSpec or spec JSON file, --arch on the command line)")
+    arch = require_arch(arch, source, "a state dict")
     tensors = {}
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
