@@ -110,7 +110,7 @@ class ParallelInferenceEngine:
 
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
                                     or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, found {threads!r}")
+            raise InputError(f"threads must be a positive integer or None, found {threads!r}")
         self.threads: int = int(threads) if threads is not None else available_cores()
         self._lib = load_library(source if isinstance(source, NeuralNet) else Path(source),
                                  cache_dir=cache_dir, portable=portable)

@@ -8,6 +8,7 @@ verification report. ``open_output`` reads such a folder back.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from nnbridge.codegen import GenerateOptions, render_files
+from nnbridge.converters.common import spec_disagreement
 from nnbridge.errors import NNBridgeError
 from nnbridge.fsutil import atomic_directory, atomic_write_text
 from nnbridge.names import identifier
 from nnbridge.net import NeuralNet
-from nnbridge.nmw import load_nmw
+from nnbridge.nmw import NMWPortabilityWarning, load_nmw
 from nnbridge.spec import NetworkSpec, load_spec
 
 TARGETS = ("nmw", "nim", "metal")
@@ -54,14 +56,16 @@ class OutputFolder:
     nmw: Path | None
     nim: Path | None
     metal: Path | None
-    extra: dict[str, Path] = field(default_factory=dict)
+    _net: NeuralNet | None = field(default=None, init=False, repr=False, compare=False)
 
     def network(self) -> NeuralNet:
-        """The network (spec and weights) stored in the folder."""
-        if self.nmw is None:
-            raise NNBridgeError(f"{self.path}: no .nmw weights in this folder; convert with the nmw target")
-        w = load_nmw(self.nmw)
-        return NeuralNet(w.spec, w)
+        """The network (spec and weights) stored in the folder, read once."""
+        if self._net is None:
+            if self.nmw is None:
+                raise NNBridgeError(f"{self.path}: no .nmw weights in this folder; convert with the nmw target")
+            w = load_nmw(self.nmw)
+            self._net = NeuralNet(w.spec, w)
+        return self._net
 
 
 def parse_targets(text: str | Sequence[str] | None) -> list[str]:
@@ -81,16 +85,11 @@ def write_artifacts(net: NeuralNet, folder: Path, targets: Sequence[str], *, pro
     say = progress or (lambda _m: None)
     stem = identifier(net.spec.name)
     files = [net.spec.save(folder / f"{stem}.json")]
-    if "nmw" in targets or "nim" in targets or "metal" in targets:
-        say("writing weights (NMW, safetensors)")
-        import warnings
-
-        from nnbridge.nmw import NMWPortabilityWarning
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NMWPortabilityWarning)
-            files.append(net.save_nmw(folder / f"{stem}.nmw", metadata=provenance or {}))
-        files.append(net.save_safetensors(folder / f"{stem}.safetensors"))
+    say("writing weights (NMW, safetensors)")  # every target needs them: the generated code loads the NMW
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NMWPortabilityWarning)
+        files.append(net.save_nmw(folder / f"{stem}.nmw", metadata=provenance or {}))
+    files.append(net.save_safetensors(folder / f"{stem}.safetensors"))
     opts = GenerateOptions(output_dir=folder, generate_nim_cpu="nim" in targets, generate_metal="metal" in targets)
     if opts.targets():
         say(f"generating {' and '.join(opts.targets())} code")
@@ -130,9 +129,9 @@ def convert(
     with atomic_directory(out, force=force) as tmp:
         files = write_artifacts(net, tmp, chosen, provenance=provenance, progress=say)
         report = None
-        if verify:
-            report = verify_folder(open_output(tmp), backends=[t for t in chosen if t != "nmw"], n=n,
-                                   progress=say)
+        code = [t for t in chosen if t != "nmw"]
+        if verify and code:
+            report = verify_folder(open_output(tmp), backends=code, n=n, progress=say)
             files.append(atomic_write_text(tmp / REPORT, json.dumps(report.to_dict(), indent=2) + "\n"))
     out_dir = Path(out)
     return ConvertResult(out_dir, [out_dir / f.name for f in files], net, report)
@@ -213,20 +212,6 @@ def predict_folder(folder: OutputFolder, x: Any, backend: str = "nim", threads: 
     raise NNBridgeError(f"unknown backend {backend!r}; choose nim, metal, torch or mlx")
 
 
-def _first_difference(a: NetworkSpec, b: NetworkSpec) -> str:
-    da, db = a.to_dict(marker=False), b.to_dict(marker=False)
-    for key in ("name", "input_shape"):
-        if da[key] != db[key]:
-            return f"{key}: {da[key]!r} vs {db[key]!r}"
-    if len(da["layers"]) != len(db["layers"]):
-        return f"number of layers: {len(da['layers'])} vs {len(db['layers'])}"
-    for i, (la, lb) in enumerate(zip(da["layers"], db["layers"])):
-        for k in la.keys() | lb.keys():
-            if la.get(k) != lb.get(k):
-                return f"layers[{i}].{k}: {la.get(k)!r} vs {lb.get(k)!r}"
-    return "none"
-
-
 def generate_folder(arch: str | PathLike[str] | NetworkSpec, out: str | PathLike[str], *,
                     weights: str | PathLike[str] | None = None, targets: str | Sequence[str] | None = "metal,nim",
                     force: bool = False) -> list[Path]:
@@ -238,7 +223,10 @@ def generate_folder(arch: str | PathLike[str] | NetworkSpec, out: str | PathLike
         if weights is not None:
             w = load_nmw(weights)
             if w.spec != spec:
-                raise NNBridgeError(f"{weights}: its spec differs from {arch}: {_first_difference(spec, w.spec)}")
+                diff = spec_disagreement(spec, w.spec) or (
+                    f"same layers, but names or input size differ: {spec.to_json(marker=False)[:300]} vs "
+                    f"{w.spec.to_json(marker=False)[:300]}")
+                raise NNBridgeError(f"{weights}: its spec differs from {arch}: {diff}")
             files = write_artifacts(NeuralNet(spec, w), tmp, ["nmw", *chosen])
         else:
             stem = identifier(spec.name)

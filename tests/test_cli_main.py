@@ -248,6 +248,24 @@ def test_generate_from_arch_and_nmw_then_verify(converted, tmp_path, capsys):
     assert report["passed"] is True and len(report["backends"]) == 2
 
 
+def test_generate_refuses_weights_of_another_network(converted, tmp_path, capsys):
+    out, _ = converted("export_pt2")
+    arch = json.loads((out / "digits_program.json").read_text())
+    arch["layers"][-1]["activation"] = "sigmoid"
+    (tmp_path / "other.json").write_text(json.dumps(arch))
+    code = main(["generate", str(tmp_path / "other.json"), "--weights", str(out / "digits_program.nmw"),
+                 "-o", str(tmp_path / "gen")])
+    assert code == 2 and not (tmp_path / "gen").exists()
+    line = one_error_line(capsys.readouterr().err)
+    assert "its spec differs" in line and "expected" in line and "sigmoid" in line
+
+
+def test_convert_nmw_only_verifies_nothing(src, tmp_path, capsys):
+    out = tmp_path / "nmw_only"
+    assert main(["convert", str(ROOT / "examples" / "digits.pt2"), "-o", str(out), "--targets", "nmw", "-q"]) == 0
+    assert {p.name for p in out.iterdir()} == {"digits.json", "digits.nmw", "digits.safetensors"}
+
+
 def test_generate_without_weights_writes_code_only(src, tmp_path, capsys):
     gen = tmp_path / "gen"
     assert main(["generate", str(src.arch), "-o", str(gen), "--targets", "nim", "-q"]) == 0

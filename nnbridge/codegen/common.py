@@ -8,7 +8,6 @@ generated code come from indices (``layer0``), user names only through
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,11 +53,6 @@ def f32_literal(value: float) -> str:
     return s
 
 
-def f32_bits(value: float) -> int:
-    """The IEEE-754 binary32 bit pattern of ``value`` (for targets that take hex bit literals)."""
-    return struct.unpack("<I", struct.pack("<f", float(value)))[0]
-
-
 def header_lines(net_name: str, target: str) -> list[str]:
     """The banner every generated file starts with (without comment markers)."""
     return [
@@ -98,12 +92,10 @@ class NetworkPlan:
     max_width: int
     original: NetworkSpec
     inference: NetworkSpec
-    has_weights: bool
 
 
 def plan(source: NetworkSpec | NeuralNet) -> NetworkPlan:
     """Flatten the inference form of ``source`` (a spec, or a net with weights) into a plan."""
-    has_weights = isinstance(source, NeuralNet)
     net = source if isinstance(source, NeuralNet) else NeuralNet(source.check())
     inf = net.for_inference()
     layers, offset = [], 0
@@ -120,7 +112,7 @@ def plan(source: NetworkSpec | NeuralNet) -> NetworkPlan:
         layers.append(lp)
     widths = [inf.spec.in_size] + [lp.output_size for lp in layers]
     return NetworkPlan(net.spec.name, identifier(net.spec.name), inf.spec.in_size, inf.spec.output_size, layers,
-                       offset, max(widths), net.spec, inf.spec, has_weights)
+                       offset, max(widths), net.spec, inf.spec)
 
 
 def inference_weights(source: NeuralNet) -> np.ndarray:
